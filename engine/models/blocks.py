@@ -1,0 +1,171 @@
+"""Building blocks shared by the dense and sparse transformers (architecture notes 3.1)."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm computed in fp32 and cast back to the input dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in fp32 and cast back to the input dtype (dense [B, C, ...] tensors)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
+
+
+def timestep_features(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal timestep features ``[cos(t f), sin(t f)]`` (cos first), f_i = max_period^(-i/half)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float().reshape(-1, 1) * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class TimestepEmbedder(nn.Module):
+    """Timestep t in [0, 1000] -> C-dim embedding (keys ``mlp.0``, ``mlp.2``)."""
+
+    def __init__(self, channels: int, frequency_dim: int = 256):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, channels), nn.SiLU(), nn.Linear(channels, channels))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        feats = timestep_features(t, self.frequency_dim)
+        return self.mlp(feats.to(self.mlp[0].weight.dtype))
+
+
+def absolute_position_embedding(positions: torch.Tensor, channels: int) -> torch.Tensor:
+    """Parameter-free sinusoidal embedding of 3-D positions, fp32 ``[N, channels]``.
+
+    Per axis (x, y, z in turn): ``[sin(p f_j), cos(p f_j)]`` with ``f_j = 10000^(-j / F)``,
+    ``F = channels // 3 // 2``; zero-padded to ``channels``.
+    """
+    num_axes = positions.shape[-1]
+    freq_dim = channels // num_axes // 2
+    freqs = 1.0 / (10000.0 ** (torch.arange(freq_dim, dtype=torch.float32, device=positions.device) / freq_dim))
+    args = positions.float().reshape(-1, 1) * freqs[None]                      # [N*axes, F]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1).reshape(positions.shape[0], -1)
+    if emb.shape[1] < channels:
+        emb = torch.cat([emb, emb.new_zeros(emb.shape[0], channels - emb.shape[1])], dim=-1)
+    return emb
+
+
+class FeedForward(nn.Module):
+    """Linear(C, rC) -> GELU(tanh) -> Linear(rC, C); keys ``mlp.0`` and ``mlp.2``."""
+
+    def __init__(self, channels: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        hidden = int(channels * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)
+
+
+class MultiHeadRMSNorm(nn.Module):
+    """Per-head RMS norm: ``normalize(x) * gamma * sqrt(D)`` in fp32 (key ``gamma`` [H, D])."""
+
+    def __init__(self, head_dim: int, heads: int):
+        super().__init__()
+        self.scale = head_dim ** 0.5
+        self.gamma = nn.Parameter(torch.ones(heads, head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., H, D]
+        return (F.normalize(x.float(), dim=-1) * self.gamma.float() * self.scale).to(x.dtype)
+
+
+class MultiHeadAttention(nn.Module):
+    """Dense multi-head attention: ``self`` (fused ``to_qkv``) or ``cross`` (``to_q`` + ``to_kv``).
+
+    Inputs are ``[B, L, C]``; the context of cross-attention is ``[B, Lc, C_ctx]``. Softmax scale
+    1/sqrt(D). Optional per-head RMS norm of q and k (keys ``q_rms_norm``/``k_rms_norm``).
+    """
+
+    def __init__(self, channels: int, num_heads: int, ctx_channels: Optional[int] = None,
+                 attn_type: str = "self", qk_rms_norm: bool = False, qkv_bias: bool = True):
+        super().__init__()
+        if attn_type not in ("self", "cross"):
+            raise ValueError(f"attn_type must be 'self' or 'cross', got {attn_type!r}")
+        self.channels, self.num_heads, self.attn_type = channels, num_heads, attn_type
+        self.head_dim = channels // num_heads
+        if attn_type == "self":
+            self.to_qkv = nn.Linear(channels, channels * 3, bias=qkv_bias)
+        else:
+            self.to_q = nn.Linear(channels, channels, bias=qkv_bias)
+            self.to_kv = nn.Linear(ctx_channels or channels, channels * 2, bias=qkv_bias)
+        self.qk_rms_norm = qk_rms_norm
+        if qk_rms_norm:
+            self.q_rms_norm = MultiHeadRMSNorm(self.head_dim, num_heads)
+            self.k_rms_norm = MultiHeadRMSNorm(self.head_dim, num_heads)
+        self.to_out = nn.Linear(channels, channels)
+
+    def project(self, x: torch.Tensor, context: Optional[torch.Tensor] = None):
+        """q ``[B, L, H, D]``, k and v ``[B, Lk, H, D]`` (RMS-normalised when configured)."""
+        H, D = self.num_heads, self.head_dim
+        if self.attn_type == "self":
+            q, k, v = self.to_qkv(x).unflatten(-1, (3, H, D)).unbind(dim=-3)
+        else:
+            q = self.to_q(x).unflatten(-1, (H, D))
+            k, v = self.to_kv(context.to(self.to_kv.weight.dtype)).unflatten(-1, (2, H, D)).unbind(dim=-3)
+        if self.qk_rms_norm:
+            q, k = self.q_rms_norm(q), self.k_rms_norm(k)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
+        q, k, v = self.project(x, context)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.to_out(out.transpose(1, 2).flatten(-2))
+
+
+class ModulatedCrossBlock(nn.Module):
+    """adaLN-modulated transformer block with cross-attention (architecture notes 3.1).
+
+    ``x += gate_msa * self_attn(LN1(x) * (1 + scale_msa) + shift_msa)``;
+    ``x += cross_attn(LN2(x), context)`` (LN2 affine, no modulation);
+    ``x += gate_mlp * mlp(LN3(x) * (1 + scale_mlp) + shift_mlp)``.
+    ``self_attn`` and ``cross_attn`` are given by the model (dense attention or SSA). Tokens are
+    ``[B, L, C]``; the modulation ``[B, 6C]`` is broadcast over L.
+    """
+
+    def __init__(self, channels: int, self_attn: nn.Module, cross_attn: nn.Module,
+                 mlp_ratio: float = 4.0, share_mod: bool = False):
+        super().__init__()
+        self.norm1 = LayerNorm32(channels, elementwise_affine=False, eps=1e-6)
+        self.norm2 = LayerNorm32(channels, elementwise_affine=True, eps=1e-6)
+        self.norm3 = LayerNorm32(channels, elementwise_affine=False, eps=1e-6)
+        self.self_attn = self_attn
+        self.cross_attn = cross_attn
+        self.mlp = FeedForward(channels, mlp_ratio)
+        self.share_mod = share_mod
+        if not share_mod:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 6 * channels))
+
+    def modulation(self, t_emb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Six ``[B, 1, C]`` tensors: shift/scale/gate for attention, then for the MLP."""
+        mod = t_emb if self.share_mod else self.adaLN_modulation(t_emb)
+        return tuple(m.unsqueeze(1) for m in mod.chunk(6, dim=-1))
+
+    def forward(self, x: torch.Tensor, t_emb: torch.Tensor, context, **self_attn_kwargs) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(t_emb)
+        h = self.norm1(x) * (1 + scale_msa) + shift_msa
+        x = x + gate_msa * self.self_attn(h, **self_attn_kwargs)
+        x = x + self.cross_attn(self.norm2(x), context)
+        h = self.norm3(x) * (1 + scale_mlp) + shift_mlp
+        return x + gate_mlp * self.mlp(h)
