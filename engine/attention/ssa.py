@@ -1,0 +1,299 @@
+"""Spatial Sparse Attention (SSA, Direct3D-S2 §4): exact PyTorch reference and the attention module.
+
+The three kernels of the sparse DiT's self-attention are written here as plain PyTorch, computed in
+fp32 whatever the input dtype, chunked over queries so that no `[heads, N, N]` matrix is ever built:
+
+* `compressed_attention`: every query attends to all compressed (block-pooled) keys; also returns
+  the natural-log softmax normaliser (lse) per query head.
+* `select_blocks`: the compressed-attention probabilities, summed over the query heads sharing a KV
+  head and summed per 8^3 selection block, give each query's top-k selection blocks.
+* `selection_attention`: exact softmax attention of each query over the union of its selected
+  blocks' tokens (tokens are block-sorted, so a block is a contiguous row range).
+
+They are the oracle for the Triton kernels in `engine.attention.triton`, which expose the same
+signatures. `SpatialSparseAttention` is the `self_attn` module of a sparse DiT block (official keys)
+and dispatches to Triton on CUDA when that module imports (`backend="auto"`).
+
+Grouped-query attention: with Hq query heads and Hkv KV heads, query heads
+`g*(Hq/Hkv) .. (g+1)*(Hq/Hkv)-1` use KV head g in every branch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Upper bound on the number of fp32 elements of one chunk's score tensor (~256 MiB).
+_SCORE_BUDGET = 1 << 26
+
+
+def _query_chunk(per_query_elements: int) -> int:
+    """Queries per chunk so that a chunk's largest fp32 temporary stays within `_SCORE_BUDGET`."""
+    return max(1, _SCORE_BUDGET // max(1, per_query_elements))
+
+
+def _group_queries(q: Tensor, num_kv_heads: int) -> Tensor:
+    """[n, Hq, D] -> fp32 [Hkv, G, n, D] with G = Hq / Hkv consecutive query heads per KV head."""
+    n, hq, d = q.shape
+    return q.float().reshape(n, num_kv_heads, hq // num_kv_heads, d).permute(1, 2, 0, 3)
+
+
+def _check_heads(q: Tensor, k: Tensor) -> None:
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} KV heads")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"head dims differ: q {q.shape[2]}, k {k.shape[2]}")
+
+
+# ============================================================================ reference kernels
+def compressed_attention(q: Tensor, ck: Tensor, cv: Tensor) -> tuple[Tensor, Tensor]:
+    """Full attention of every query over the compressed keys/values.
+
+    q [N, Hq, D], ck/cv [Nc, Hkv, D] -> (out [N, Hq, D] in q's dtype, lse [Hq, N] fp32, natural log).
+    """
+    _check_heads(q, ck)
+    n_tokens, hq, d = q.shape
+    hkv = ck.shape[1]
+    scale = 1.0 / math.sqrt(d)
+    keys = ck.float().permute(1, 0, 2).unsqueeze(1)      # [Hkv, 1, Nc, D]
+    values = cv.float().permute(1, 0, 2).unsqueeze(1)
+    out = q.new_empty(n_tokens, hq, d)
+    lse = torch.empty(hq, n_tokens, dtype=torch.float32, device=q.device)
+    step = _query_chunk(hq * max(1, ck.shape[0]))
+    for start in range(0, n_tokens, step):
+        stop = min(start + step, n_tokens)
+        qg = _group_queries(q[start:stop], hkv)           # [Hkv, G, n, D]
+        scores = (qg @ keys.transpose(-1, -2)) * scale    # [Hkv, G, n, Nc]
+        chunk_lse = torch.logsumexp(scores, dim=-1)       # [Hkv, G, n]
+        probs = torch.exp(scores - chunk_lse.unsqueeze(-1))
+        chunk_out = probs @ values                        # [Hkv, G, n, D]
+        out[start:stop] = chunk_out.permute(2, 0, 1, 3).reshape(stop - start, hq, d).to(q.dtype)
+        lse[:, start:stop] = chunk_lse.reshape(hq, stop - start)
+    return out, lse
+
+
+@torch.no_grad()
+def block_scores(q: Tensor, ck: Tensor, lse: Tensor, comp_block_ids: Tensor, num_blocks: int) -> Tensor:
+    """Per-query importance of every selection block, fp32 [Hkv, N, num_blocks] (small inputs only).
+
+    score[h, i, b] = sum over the query heads of group h and over the compressed tokens j of block b
+    of exp(q_i . ck_j / sqrt(D) - lse_i), i.e. the compressed-attention probabilities.
+    """
+    return _block_scores_chunk(q, ck.float().permute(1, 0, 2).unsqueeze(1), lse,
+                               comp_block_ids.long(), num_blocks)
+
+
+def _block_scores_chunk(q: Tensor, keys: Tensor, lse: Tensor, comp_block_ids: Tensor,
+                        num_blocks: int) -> Tensor:
+    hkv, n, d = keys.shape[0], q.shape[0], q.shape[2]
+    qg = _group_queries(q, hkv)                                         # [Hkv, G, n, D]
+    logits = (qg @ keys.transpose(-1, -2)) * (1.0 / math.sqrt(d))       # [Hkv, G, n, Nc]
+    probs = torch.exp(logits - lse.float().reshape(hkv, -1, n).unsqueeze(-1))
+    group_probs = probs.sum(dim=1)                                      # [Hkv, n, Nc]
+    scores = group_probs.new_zeros(hkv, n, num_blocks)
+    scores.index_add_(2, comp_block_ids, group_probs)                   # sum into selection blocks
+    return scores
+
+
+@torch.no_grad()
+def select_blocks(q: Tensor, ck: Tensor, lse: Tensor, comp_block_ids: Tensor, num_blocks: int,
+                  topk: int) -> Tensor:
+    """Top-k selection blocks per (KV head, query): int32 [Hkv, N, topk].
+
+    Indices point into the ascending list of non-empty selection blocks; each row holds the
+    `min(topk, num_blocks)` best blocks sorted ascending, then -1 padding.
+    """
+    _check_heads(q, ck)
+    n_tokens, hq, _ = q.shape
+    hkv = ck.shape[1]
+    real_topk = min(topk, num_blocks)
+    keys = ck.float().permute(1, 0, 2).unsqueeze(1)
+    ids = comp_block_ids.to(device=q.device, dtype=torch.long)
+    lse_grouped = lse.reshape(hq, n_tokens)
+    result = torch.full((hkv, n_tokens, topk), -1, dtype=torch.int32, device=q.device)
+    step = _query_chunk(hq * max(1, ck.shape[0]) + hkv * num_blocks)
+    for start in range(0, n_tokens, step):
+        stop = min(start + step, n_tokens)
+        scores = _block_scores_chunk(q[start:stop], keys, lse_grouped[:, start:stop], ids, num_blocks)
+        best = torch.topk(scores, real_topk, dim=-1, sorted=False).indices
+        result[:, start:stop, :real_topk] = torch.sort(best, dim=-1).values.to(torch.int32)
+    return result
+
+
+def selection_attention(q: Tensor, k: Tensor, v: Tensor, block_topk: Tensor, block_offsets: Tensor,
+                        max_block_len: int | None = None) -> Tensor:
+    """Softmax attention of each query over the tokens of its selected blocks.
+
+    q [N, Hq, D]; k/v [N, Hkv, D] block-sorted; block_topk int [Hkv, N, topk] (-1 = unused slot);
+    block_offsets int [num_blocks + 1]: block b holds rows block_offsets[b] .. block_offsets[b+1]-1.
+    The query heads of KV group h all use the selection of row h. Returns [N, Hq, D] in q's dtype.
+
+    Computed slot by slot with an online softmax (exact up to fp32 rounding): each slot gathers one
+    block per (KV head, query), padded to the longest block and masked.
+    """
+    _check_heads(q, k)
+    n_tokens, hq, d = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    offsets = block_offsets.to(device=q.device, dtype=torch.long)
+    block_start = offsets[:-1]
+    block_len = offsets[1:] - offsets[:-1]
+    if max_block_len is None:
+        max_block_len = int(block_len.max()) if block_len.numel() else 1
+    within = torch.arange(max_block_len, device=q.device)
+    head_index = torch.arange(hkv, device=q.device).view(hkv, 1, 1)
+    keys, values = k.float(), v.float()
+    scale = 1.0 / math.sqrt(d)
+    out = q.new_empty(n_tokens, hq, d)
+    step = _query_chunk(hkv * max_block_len * (2 * d + group))
+    for start in range(0, n_tokens, step):
+        stop = min(start + step, n_tokens)
+        qg = _group_queries(q[start:stop], hkv).transpose(1, 2) * scale  # [Hkv, n, G, D]
+        selection = block_topk[:, start:stop].long()                     # [Hkv, n, topk]
+        run_max = qg.new_full(qg.shape[:3], float("-inf"))               # [Hkv, n, G]
+        run_sum = qg.new_zeros(qg.shape[:3])
+        acc = torch.zeros_like(qg)                                       # [Hkv, n, G, D]
+        for slot in range(selection.shape[-1]):
+            block = selection[..., slot]                                 # [Hkv, n]
+            used = block >= 0
+            block = block.clamp(min=0)
+            rows = block_start[block].unsqueeze(-1) + within             # [Hkv, n, L]
+            valid = (within < block_len[block].unsqueeze(-1)) & used.unsqueeze(-1)
+            rows = rows.clamp(max=n_tokens - 1)
+            slot_keys = keys[rows, head_index]                           # [Hkv, n, L, D]
+            slot_values = values[rows, head_index]
+            logits = qg @ slot_keys.transpose(-1, -2)                    # [Hkv, n, G, L]
+            logits = logits.masked_fill(~valid.unsqueeze(2), float("-inf"))
+            new_max = torch.maximum(run_max, logits.amax(dim=-1))
+            # rows that have seen no valid key yet keep max -inf; shift them by 0 instead
+            shift = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
+            rescale = torch.exp(run_max - shift)
+            probs = torch.exp(logits - shift.unsqueeze(-1))
+            run_sum = run_sum * rescale + probs.sum(dim=-1)
+            acc = acc * rescale.unsqueeze(-1) + probs @ slot_values
+            run_max = new_max
+        chunk_out = acc / run_sum.unsqueeze(-1)                          # [Hkv, n, G, D]
+        out[start:stop] = chunk_out.permute(1, 0, 2, 3).reshape(stop - start, hq, d).to(q.dtype)
+    return out
+
+
+# ============================================================================ block bookkeeping
+@dataclass
+class BlockLayout:
+    """Selection-block bookkeeping of one batch element; depends only on its coordinates."""
+
+    block_offsets: Tensor    # int32 [num_blocks + 1]: cumulative token counts per non-empty block
+    comp_block_ids: Tensor   # int32 [Nc_b]: selection-block index of each compressed token
+    block_keys: Tensor       # int64 [num_blocks]: linearised block coordinates, ascending
+    num_blocks: int
+    max_block_len: int
+
+
+@dataclass
+class ElementLayout:
+    token_rows: slice        # rows of this batch element among the tokens
+    comp_rows: slice         # rows of this batch element among the compressed tokens
+    blocks: BlockLayout      # shared between elements with identical coordinates
+
+
+@dataclass
+class SSALayout:
+    """Everything SSA needs that depends only on the coordinates of a (block-sorted) token set."""
+
+    compression_block_size: int
+    selection_block_size: int
+    token_to_comp: Tensor    # int64 [N]: compressed token of each token
+    comp_counts: Tensor      # int64 [Nc]: tokens per compressed token
+    comp_coords: Tensor      # int32 [Nc, 4]: (batch, x//c, y//c, z//c), sorted lexicographically
+    pe_index: Tensor         # int64 [N]: flat index of (x%c, y%c, z%c) into intra_block_pe
+    elements: list[ElementLayout]
+
+
+def _linear_key(columns: Tensor, extent: int) -> Tensor:
+    key = torch.zeros(columns.shape[0], dtype=torch.long, device=columns.device)
+    for axis in range(columns.shape[1]):
+        key = key * extent + columns[:, axis]
+    return key
+
+
+def _unlinear_key(key: Tensor, extent: int, num_columns: int) -> Tensor:
+    columns = []
+    for _ in range(num_columns):
+        columns.append(key % extent)
+        key = key // extent
+    return torch.stack(columns[::-1], dim=1)
+
+
+def compute_ssa_layout(coords: Tensor, compression_block_size: int, selection_block_size: int) -> SSALayout:
+    """Block bookkeeping for tokens `coords` [N, 4] (rows grouped by batch, each element sorted by
+    8^3 selection block in ascending block id, i.e. `sort_block` order)."""
+    if selection_block_size % compression_block_size != 0:
+        raise ValueError("selection_block_size must be a multiple of compression_block_size")
+    cbs, sbs = compression_block_size, selection_block_size
+    c = coords.long()
+    device = c.device
+    extent = int(c.max()) + 1 if c.numel() else 1
+    xyz = c[:, 1:]
+
+    # compression blocks over the whole batch, ordered by (batch, cx, cy, cz) like sparse_downsample
+    comp_key = _linear_key(torch.cat([c[:, :1], xyz // cbs], dim=1), extent)
+    comp_key_sorted, token_to_comp, comp_counts = torch.unique(
+        comp_key, sorted=True, return_inverse=True, return_counts=True)
+    comp_coords = _unlinear_key(comp_key_sorted, extent, 4)
+    within = xyz % cbs
+    pe_index = (within[:, 0] * cbs + within[:, 1]) * cbs + within[:, 2]
+
+    batch_ids = c[:, 0]
+    num_batches = int(batch_ids.max()) + 1 if c.numel() else 0
+    token_counts = torch.bincount(batch_ids, minlength=num_batches).tolist()
+    comp_batch_counts = torch.bincount(comp_coords[:, 0], minlength=num_batches).tolist()
+    ratio = sbs // cbs
+    elements: list[ElementLayout] = []
+    token_start = comp_start = 0
+    for b in range(num_batches):
+        rows = slice(token_start, token_start + token_counts[b])
+        comp_rows = slice(comp_start, comp_start + comp_batch_counts[b])
+        token_start, comp_start = rows.stop, comp_rows.stop
+        shared = None
+        for previous in elements:  # reuse the bookkeeping of an element with the same coordinates
+            prev_xyz = xyz[previous.token_rows]
+            if prev_xyz.shape == xyz[rows].shape and torch.equal(prev_xyz, xyz[rows]):
+                shared = previous.blocks
+                break
+        if shared is None:
+            shared = _block_layout(xyz[rows], comp_coords[comp_rows, 1:] // ratio, sbs, extent, device)
+        elements.append(ElementLayout(rows, comp_rows, shared))
+    return SSALayout(cbs, sbs, token_to_comp, comp_counts, comp_coords.to(torch.int32), pe_index, elements)
+
+
+def _block_layout(xyz: Tensor, comp_block_xyz: Tensor, sbs: int, extent: int, device) -> BlockLayout:
+    if xyz.shape[0] == 0:
+        return BlockLayout(torch.zeros(1, dtype=torch.int32, device=device),
+                           torch.zeros(0, dtype=torch.int32, device=device),
+                           torch.zeros(0, dtype=torch.long, device=device), 0, 0)
+    token_key = _linear_key(xyz // sbs, extent)
+    block_keys, token_block, counts = torch.unique(token_key, sorted=True, return_inverse=True,
+                                                   return_counts=True)
+    if bool((token_block[1:] < token_block[:-1]).any()):
+        raise ValueError("SSA needs tokens grouped by selection block in ascending block id "
+                         "(sort_block order)")
+    offsets = torch.zeros(block_keys.shape[0] + 1, dtype=torch.int32, device=device)
+    offsets[1:] = torch.cumsum(counts, dim=0).to(torch.int32)
+    comp_block_ids = torch.searchsorted(block_keys, _linear_key(comp_block_xyz, extent))
+    return BlockLayout(offsets, comp_block_ids.to(torch.int32), block_keys, int(block_keys.shape[0]),
+                       int(counts.max()))
+
+
+def ssa_layout(voxels, compression_block_size: int, selection_block_size: int) -> SSALayout:
+    """`compute_ssa_layout` of a SparseVoxels, cached in `voxels.cache` (shared by all blocks/steps)."""
+    key = ("ssa_layout", compression_block_size, selection_block_size)
+    layout = voxels.cache.get(key)
+    if layout is None:
+        layout = compute_ssa_layout(voxels.coords, compression_block_size, selection_block_size)
+        voxels.cache[key] = layout
+    return layout
