@@ -1,0 +1,136 @@
+"""Rectified-flow sampler of Direct3D-S2 (architecture notes 2.8), kept apart from the pipeline.
+
+It reproduces what the official pipeline gets from diffusers' ``FlowMatchEulerDiscreteScheduler
+(num_train_timesteps=1000, shift=S)`` with ``set_timesteps(N)``:
+
+* training sigmas ``s = t/1000`` for t = 1000..1 are shifted once, ``s' = S*s / (1 + (S-1)*s)``; that
+  fixes ``sigma_max = 1`` and ``sigma_min = shift(0.001)``;
+* inference sigmas are ``linspace(sigma_max, sigma_min, N)`` shifted once more, then a final 0;
+* the timestep shown to the network is ``1000 * sigma``, rounded to fp16 (the official code builds
+  ``torch.tensor([t], dtype=float16)``);
+* Euler step ``x <- x + (sigma_next - sigma) * v`` with ``x`` in fp32, cast back to ``v``'s dtype;
+* classifier-free guidance ``v = v_u + g * (v_c - v_u)`` whenever ``g > 0``.
+
+Random numbers: one ``torch.Generator`` on the sampling device, seeded once per generation, draws the
+initial noise of every stage in order (dense, sparse 512, sparse 1024) with
+``torch.randn(shape, dtype=float16)``, as the official pipeline does with the generator it is given. The
+noise is drawn in fp16 whatever the compute dtype and then cast, so a seed gives the same starting point
+in fp16, bf16 and fp32 runs. CPU and CUDA generators produce different streams for the same seed, so a
+seed reproduces an official run only on the same device type; and the sparse stages' noise depends on the
+token count, so it only matches when the earlier stages produced the same tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+class GenerationCancelled(Exception):
+    """Raised inside a sampling loop when the caller's cancel callback returns True."""
+
+
+def shift_sigmas(sigmas, shift: float):
+    """The time-shift map ``s -> shift*s / (1 + (shift-1)*s)``: spends more steps at high noise."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+@dataclass(frozen=True)
+class FlowSchedule:
+    """``timesteps[i]`` (float32, in [0, 1000]) and ``sigmas[i]`` for i < steps; ``sigmas[steps] == 0``."""
+    timesteps: torch.Tensor
+    sigmas: torch.Tensor
+    shift: float
+
+    @property
+    def steps(self) -> int:
+        return int(self.timesteps.numel())
+
+    def model_timestep(self, index: int) -> torch.Tensor:
+        """The timestep fed to the network at step ``index``: shape [1], fp16-rounded, stored as fp32."""
+        return self.timesteps[index:index + 1].to(torch.float16).to(torch.float32)
+
+
+def flow_match_schedule(steps: int, shift: float, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> FlowSchedule:
+    """The shifted rectified-flow schedule of ``steps`` Euler steps (same values as diffusers)."""
+    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if not shift > 0:
+        raise ValueError(f"shift must be positive, got {shift!r}")
+    # Training sigmas, float32 like the scheduler constructor; only their ends are used.
+    train_t = torch.from_numpy(np.linspace(1, num_train_timesteps, num_train_timesteps, dtype=np.float32)[::-1].copy())
+    train_sigmas = shift_sigmas(train_t / num_train_timesteps, shift)
+    sigma_max = train_sigmas[0].item()
+    sigma_min = train_sigmas[-1].item()
+    # set_timesteps works in float64 numpy, then converts to float32.
+    sigmas = np.linspace(sigma_max * num_train_timesteps, sigma_min * num_train_timesteps, steps) / num_train_timesteps
+    sigmas = torch.from_numpy(shift_sigmas(sigmas, shift)).to(torch.float32)
+    timesteps = sigmas * num_train_timesteps
+    sigmas = torch.cat([sigmas, torch.zeros(1, dtype=torch.float32)])
+    return FlowSchedule(timesteps=timesteps, sigmas=sigmas, shift=float(shift))
+
+
+def euler_step(latents: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+    """One Euler step of the flow ODE. ``sigma``/``sigma_next`` are 0-dim float32 tensors; the
+    product with ``velocity`` follows torch's promotion (it stays in ``velocity``'s dtype, as in
+    diffusers), the sum is fp32, the result is cast to ``velocity``'s dtype."""
+    updated = latents.to(torch.float32) + (sigma_next - sigma) * velocity
+    return updated.to(velocity.dtype)
+
+
+def classifier_free_guidance(v_cond: torch.Tensor, v_uncond: torch.Tensor, guidance: float) -> torch.Tensor:
+    """``v_u + g*(v_c - v_u)``."""
+    return v_uncond + guidance * (v_cond - v_uncond)
+
+
+def make_generator(seed: int, device: Union[str, torch.device] = "cpu") -> torch.Generator:
+    """A generator on ``device`` seeded with ``seed`` (shared by all stages of one generation)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2 ** 63:
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    device = torch.device(device)
+    if device.type == "meta":
+        device = torch.device("cpu")
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+def initial_noise(shape: Sequence[int], generator: torch.Generator, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """Standard normal noise drawn in fp16 on the generator's device, then cast to ``dtype``."""
+    noise = torch.randn(tuple(shape), dtype=torch.float16, generator=generator, device=generator.device)
+    return noise.to(dtype)
+
+
+# model_fn(x, t) -> velocity. ``x`` has a leading batch axis of 2 (conditional, unconditional) when
+# guidance is on, else 1; ``t`` is the fp16-rounded timestep [1] (fp32 storage). The output has x's shape.
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def sample(model_fn: ModelFn, noise: torch.Tensor, schedule: FlowSchedule, guidance: float,
+           on_step: Optional[Callable[[int, int], None]] = None,
+           should_cancel: Optional[Callable[[], bool]] = None) -> torch.Tensor:
+    """Integrate the flow from ``noise`` (sigma = 1) to sigma = 0.
+
+    With ``guidance > 0`` the conditional and unconditional velocities come from ONE call of
+    ``model_fn`` on a batch of two copies of the latents (index 0 conditional, 1 unconditional).
+    ``should_cancel`` is polled before every step (GenerationCancelled is raised);
+    ``on_step(done, total)`` is called after every step.
+    """
+    guided = guidance > 0
+    latents = noise
+    total = schedule.steps
+    for index in range(total):
+        if should_cancel is not None and should_cancel():
+            raise GenerationCancelled(f"cancelled before step {index + 1} of {total}")
+        t = schedule.model_timestep(index).to(latents.device)
+        batch = latents.unsqueeze(0).expand(2 if guided else 1, *latents.shape)
+        output = model_fn(batch, t)
+        if output.shape != batch.shape:
+            raise RuntimeError(f"model_fn returned shape {tuple(output.shape)}, expected {tuple(batch.shape)}")
+        velocity = classifier_free_guidance(output[0], output[1], guidance) if guided else output[0]
+        latents = euler_step(latents, velocity, schedule.sigmas[index], schedule.sigmas[index + 1])
+        if on_step is not None:
+            on_step(index + 1, total)
+    return latents
