@@ -1,0 +1,626 @@
+"""The two dense refiners of Direct3D-S2 (architecture notes 3.6 and 3.7).
+
+* :class:`Refiner512` (official ``Voxel_RefinerXL``, ``model_refiner.ckpt``): refines the decoded
+  512^3 SDF with the 32-d decoder features; 27 overlapping patches blended with linear ramps.
+* :class:`SignRefiner1024` (official ``Voxel_RefinerXL_sign``, ``model_refiner_1024.ckpt``): predicts
+  an inside/outside sign at 512^3 for the voxels of the 1024^3 field outside the decoded band;
+  27 patches that overwrite each other.
+
+Both share :class:`UNet3D`, a 3D UNet with the parameter layout of the official ``UNet3DModel``
+(diffusers-style names) so the checkpoints load with an identity key map.
+
+Whole-volume runs never build the official dense giant tensors: patches are densified on the fly
+from the sparse decoder output, the 512 refiner applies its per-voxel feature MLP on the sparse rows
+(no 32-channel volume), and the 1024 result is a compact 512^3 sign grid plus the sparse band
+(:class:`SignField`), from which the field value of any 1024^3 point and every off-band cell that
+can contain the surface are computed on demand.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from engine.configs import RefinerConfig
+
+# Upper bound on the number of elements converted to fp32 at once by the group norm (64 MiB of fp32).
+_NORM_CHUNK_ELEMENTS = 1 << 24
+
+
+# ----------------------------------------------------------------------------------------------------
+# Group norm in fp32 without a full fp32 copy of the activation
+# ----------------------------------------------------------------------------------------------------
+def group_norm_silu(x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, eps: float, *,
+                    silu: bool, inplace: bool = False,
+                    chunk_elements: int = _NORM_CHUNK_ELEMENTS) -> Tensor:
+    """GroupNorm computed in fp32 and cast back to ``x.dtype``, optionally followed by SiLU.
+
+    Equivalent to ``silu(group_norm(x.float(), ...).to(x.dtype))`` (the official fp32 norm, then the
+    activation on the low-precision result), but the fp32 copies are made a few channels at a time:
+    per-channel mean and variance are combined exactly into group statistics
+    (var_g = mean_c(var_c) + mean_c((mean_c - mean_g)^2), all channels of a group having equal counts).
+    """
+    batch, channels = x.shape[:2]
+    if channels % num_groups:
+        raise ValueError(f"{channels} channels do not split into {num_groups} groups")
+    per_group = channels // num_groups
+    spatial_dims = tuple(range(2, x.dim()))
+    voxels = x[0, 0].numel() if x.numel() else 0
+    step = max(1, min(channels, chunk_elements // max(1, batch * voxels)))
+
+    channel_mean = torch.empty(batch, channels, dtype=torch.float32, device=x.device)
+    channel_var = torch.empty_like(channel_mean)
+    for c0 in range(0, channels, step):
+        part = x[:, c0:c0 + step].float()
+        var, mean = torch.var_mean(part, dim=spatial_dims, correction=0)
+        channel_mean[:, c0:c0 + step] = mean
+        channel_var[:, c0:c0 + step] = var
+        del part
+    grouped_mean = channel_mean.view(batch, num_groups, per_group)
+    group_mean = grouped_mean.mean(-1, keepdim=True)
+    group_var = (channel_var.view(batch, num_groups, per_group)
+                 + (grouped_mean - group_mean).square()).mean(-1, keepdim=True)
+    rstd = torch.rsqrt(group_var + eps)
+    # y = x * scale + shift with per-(batch, channel) scale = gamma * rstd, shift = beta - mean * scale
+    scale = (rstd * weight.float().view(1, num_groups, per_group)).view(batch, channels)
+    shift = bias.float().view(1, channels) - group_mean.expand(-1, -1, per_group).reshape(batch, channels) * scale
+    bcast = (batch, -1) + (1,) * len(spatial_dims)
+
+    out = x if inplace else torch.empty_like(x)
+    for c0 in range(0, channels, step):
+        part = x[:, c0:c0 + step].to(torch.float32, copy=True)  # never an alias of x (fp32 input)
+        part.mul_(scale[:, c0:c0 + step].reshape(bcast)).add_(shift[:, c0:c0 + step].reshape(bcast))
+        target = out[:, c0:c0 + step]
+        target.copy_(part)
+        del part
+        if silu:
+            F.silu(target, inplace=True)
+    return out
+
+
+class GroupNorm32(nn.GroupNorm):
+    """``nn.GroupNorm`` (keys ``weight``/``bias``, kept fp32) evaluated by :func:`group_norm_silu`."""
+
+    def forward(self, x: Tensor, silu: bool = False, inplace: bool = False) -> Tensor:
+        return group_norm_silu(x, self.num_groups, self.weight, self.bias, self.eps, silu=silu, inplace=inplace)
+
+
+# ----------------------------------------------------------------------------------------------------
+# UNet3D (official UNet3DModel layout)
+# ----------------------------------------------------------------------------------------------------
+class ResnetBlock3D(nn.Module):
+    """GN -> SiLU -> conv3 -> GN -> SiLU -> conv3, plus the input (1^3 conv when widths differ)."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int, eps: float):
+        super().__init__()
+        self.norm1 = GroupNorm32(groups, in_channels, eps=eps)
+        self.conv1 = nn.Conv3d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = GroupNorm32(groups, out_channels, eps=eps)
+        self.conv2 = nn.Conv3d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: Tensor, consume_input: bool = False) -> Tensor:
+        """``consume_input=True`` lets the block overwrite ``x`` (the caller must not use it again),
+        which saves one activation-sized buffer on the wide concatenated inputs of the up path."""
+        shortcut = self.conv_shortcut(x) if self.conv_shortcut is not None else x
+        h = self.norm1(x, silu=True, inplace=consume_input and self.conv_shortcut is not None)
+        del x
+        h = self.conv1(h)
+        self.norm2(h, silu=True, inplace=True)
+        h = self.conv2(h)
+        h += shortcut
+        return h
+
+
+class Downsample3D(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv3d(channels, channels, 2, stride=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample3D(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.ConvTranspose3d(channels, channels, 2, stride=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class DownBlock3D(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, downsample: bool,
+                 groups: int, eps: float):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock3D(in_channels if i == 0 else out_channels, out_channels, groups, eps)
+            for i in range(num_layers))
+        self.downsamplers = nn.ModuleList([Downsample3D(out_channels)]) if downsample else None
+
+
+class MidBlock3D(nn.Module):
+    def __init__(self, channels: int, num_layers: int, groups: int, eps: float):
+        super().__init__()
+        # one leading resnet plus one per layer, as diffusers' mid blocks (without attention)
+        self.resnets = nn.ModuleList(ResnetBlock3D(channels, channels, groups, eps) for _ in range(num_layers + 1))
+
+
+class UpBlock3D(nn.Module):
+    def __init__(self, in_channels: int, prev_channels: int, out_channels: int, num_layers: int,
+                 upsample: bool, groups: int, eps: float):
+        super().__init__()
+        resnets = []
+        for i in range(num_layers):
+            skip = in_channels if i == num_layers - 1 else out_channels
+            current = prev_channels if i == 0 else out_channels
+            resnets.append(ResnetBlock3D(current + skip, out_channels, groups, eps))
+        self.resnets = nn.ModuleList(resnets)
+        self.upsamplers = nn.ModuleList([Upsample3D(out_channels)]) if upsample else None
+
+
+class UNet3D(nn.Module):
+    """3D UNet in the layout of the official ``UNet3DModel`` with ``use_conv_out=False``.
+
+    Down path: ``conv_in`` then ``len(block_out_channels)`` blocks of ``layers_per_block`` resnets,
+    all but the last followed by a k2 s2 conv. Every conv_in / resnet / downsampler output is kept as
+    a skip. Mid: ``layers_mid_block + 1`` resnets. Up path: blocks of ``layers_per_block + 1`` resnets,
+    each eating one skip (``cat([h, skip])``), all but the last followed by a k2 s2 transposed conv.
+    Output: GN + SiLU, ``block_out_channels[0]`` channels. Spatial size must divide by
+    ``2 ** (len(block_out_channels) - 1)``.
+    """
+
+    def __init__(self, in_channels: int, block_out_channels: Sequence[int] = (8, 32, 128, 512),
+                 layers_per_block: int = 2, layers_mid_block: int = 2, norm_num_groups: int = 4,
+                 norm_eps: float = 1e-5):
+        super().__init__()
+        widths = list(block_out_channels)
+        self.block_out_channels = tuple(widths)
+        self.conv_in = nn.Conv3d(in_channels, widths[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList()
+        previous = widths[0]
+        for i, width in enumerate(widths):
+            last = i == len(widths) - 1
+            self.down_blocks.append(DownBlock3D(previous, width, layers_per_block, not last, norm_num_groups, norm_eps))
+            previous = width
+        self.mid_block = MidBlock3D(widths[-1], layers_mid_block, norm_num_groups, norm_eps)
+        self.up_blocks = nn.ModuleList()
+        reversed_widths = widths[::-1]
+        previous = reversed_widths[0]
+        for i, width in enumerate(reversed_widths):
+            last = i == len(widths) - 1
+            skip_width = reversed_widths[min(i + 1, len(widths) - 1)]
+            self.up_blocks.append(UpBlock3D(skip_width, previous, width, layers_per_block + 1, not last,
+                                            norm_num_groups, norm_eps))
+            previous = width
+        self.conv_norm_out = GroupNorm32(norm_num_groups, widths[0], eps=norm_eps)
+
+    @property
+    def size_multiple(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if any(s % self.size_multiple for s in x.shape[2:]):
+            raise ValueError(f"UNet3D input size {tuple(x.shape[2:])} must divide by {self.size_multiple}")
+        h = self.conv_in(x)
+        del x
+        skips = [h]
+        for block in self.down_blocks:
+            for resnet in block.resnets:
+                h = resnet(h)
+                skips.append(h)
+            if block.downsamplers is not None:
+                h = block.downsamplers[0](h)
+                skips.append(h)
+        for resnet in self.mid_block.resnets:
+            h = resnet(h)
+        for block in self.up_blocks:
+            for resnet in block.resnets:
+                joined = torch.cat([h, skips.pop()], dim=1)
+                del h
+                h = resnet(joined, consume_input=True)
+                del joined
+            if block.upsamplers is not None:
+                h = block.upsamplers[0](h)
+        return self.conv_norm_out(h, silu=True, inplace=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Adaptive filtering (512 refiner)
+# ----------------------------------------------------------------------------------------------------
+def adaptive_filter(x: Tensor, raw_weights: Tensor, iterations: int = 3) -> Tensor:
+    """Per-voxel 3x3x3 filtering shared across channels, repeated ``iterations`` times.
+
+    ``raw_weights`` [B, 27, D, H, W] is L1-normalised over its 27 channels; tap ``9i + 3j + k`` weighs
+    the neighbour at offset (i-1, j-1, k-1) along (D, H, W), with zeros outside the volume. The sum
+    of 27 shifted views (no unfold) accumulates in fp32; each iteration's result is rounded to the
+    input dtype as the official low-precision evaluation does.
+    """
+    dims = x.shape[2:]
+    norm = raw_weights.float().abs().sum(1, keepdim=True).clamp_min(1e-12)
+    taps = (raw_weights.float() / norm).to(x.dtype)
+    del norm
+    for _ in range(iterations):
+        padded = F.pad(x, (1, 1, 1, 1, 1, 1))
+        acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for tap, (i, j, k) in enumerate(itertools.product(range(3), repeat=3)):
+            shifted = padded[:, :, i:i + dims[0], j:j + dims[1], k:k + dims[2]]
+            acc.addcmul_(shifted, taps[:, tap:tap + 1])
+        del padded
+        x = acc.to(x.dtype)
+        del acc
+    return x
+
+
+def _adaptive_weight_net(channels: int = 8) -> nn.Sequential:
+    """conv(8->8, 3) + ReLU + conv(8->27, 3, no bias): keys ``.0`` and ``.2``."""
+    return nn.Sequential(nn.Conv3d(channels, channels, 3, padding=1), nn.ReLU(),
+                         nn.Conv3d(channels, 27, 3, padding=1, bias=False))
+
+
+class GeoDecoder(nn.Module):
+    """Per-voxel MLP on the 32-d decoder features: 32 -> 32 -> 32 -> 32 -> 8 with ReLUs (``net.{0,2,4,6}``)."""
+
+    def __init__(self, in_channels: int = 32, hidden: int = 32, out_channels: int = 8):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_channels, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, out_channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Patch tiling helpers
+# ----------------------------------------------------------------------------------------------------
+def patch_origins(resolution: int, patch_size: int, stride: int) -> list[int]:
+    """Origins along one axis; the official tilings cover the volume exactly ({0,160,320} / {0,128,256})."""
+    if patch_size > resolution or stride <= 0:
+        raise ValueError(f"patch {patch_size} / stride {stride} do not tile a volume of {resolution}")
+    count = (resolution - patch_size) // stride + 1
+    if (count - 1) * stride + patch_size != resolution:
+        raise ValueError(f"patches of {patch_size} at stride {stride} do not end at {resolution}")
+    return [i * stride for i in range(count)]
+
+
+def blend_weights(resolution: int, patch_size: int, stride: int, device=None) -> list[Tensor]:
+    """1D weight of each patch along one axis for the official linear blending.
+
+    The official run blends neighbouring patches with ``ramp = linspace(0, 1, overlap)`` as
+    ``old * (1 - ramp) + new * ramp`` along z, then y, then x. Each pass is linear and the ramps of two
+    neighbours sum to one, so the blended volume is ``sum_p w_x(p) w_y(p) w_z(p) patch_p`` with these
+    per-axis weights (1 inside a patch, ramping over the overlaps it shares).
+    """
+    origins = patch_origins(resolution, patch_size, stride)
+    overlap = patch_size - stride
+    if overlap > stride:
+        raise ValueError("blending assumes each voxel lies in at most two patches per axis")
+    ramp = torch.linspace(0, 1, overlap, dtype=torch.float32, device=device) if overlap > 0 else None
+    weights = []
+    for index in range(len(origins)):
+        w = torch.ones(patch_size, dtype=torch.float32, device=device)
+        if overlap > 0 and index > 0:
+            w[:overlap] = ramp
+        if overlap > 0 and index < len(origins) - 1:
+            w[patch_size - overlap:] = 1 - ramp
+        weights.append(w)
+    return weights
+
+
+def _spatial_coords(coords: Tensor) -> Tensor:
+    """[N, 3] (x, y, z) from [N, 4] (batch, x, y, z) or [N, 3] coordinates."""
+    if coords.dim() != 2 or coords.shape[1] not in (3, 4):
+        raise ValueError(f"coords must be [N, 3] or [N, 4], got {tuple(coords.shape)}")
+    return coords[:, -3:]
+
+
+def _linear_keys(xyz: Tensor, resolution: int) -> Tensor:
+    xyz = xyz.long()
+    return (xyz[:, 0] * resolution + xyz[:, 1]) * resolution + xyz[:, 2]
+
+
+def last_occurrence_unique(keys: Tensor) -> tuple[Tensor, Tensor]:
+    """Sorted unique ``keys`` and, for each, the row of its last occurrence (last write wins)."""
+    order = torch.sort(keys, stable=True).indices
+    sorted_keys = keys[order]
+    is_last = torch.ones_like(sorted_keys, dtype=torch.bool)
+    if sorted_keys.numel() > 1:
+        is_last[:-1] = sorted_keys[1:] != sorted_keys[:-1]
+    return sorted_keys[is_last], order[is_last]
+
+
+class _PatchSource:
+    """Sparse rows that are densified one patch box at a time (default value outside the rows)."""
+
+    def __init__(self, xyz: Tensor, values: Tensor, resolution: int):
+        # duplicates: keep the last row per coordinate, as the official dense scatter does
+        keys, rows = last_occurrence_unique(_linear_keys(xyz, resolution))
+        self.xyz = xyz[rows].to(torch.int32)
+        self.values = values[rows]
+
+    def densify(self, origin: Sequence[int], size: int, background: Tensor, out_dtype) -> Tensor:
+        """[1, C, size, size, size] with ``background`` [C] where no row lies."""
+        lo = torch.tensor(origin, dtype=torch.int32, device=self.xyz.device)
+        local = self.xyz - lo
+        inside = ((local >= 0) & (local < size)).all(dim=1)
+        local = local[inside].long()
+        channels = background.numel()
+        patch = background.to(out_dtype).view(channels, 1, 1, 1).expand(channels, size, size, size).clone()
+        patch[:, local[:, 0], local[:, 1], local[:, 2]] = self.values[inside].to(out_dtype).T
+        return patch.unsqueeze(0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 512 refiner
+# ----------------------------------------------------------------------------------------------------
+class Refiner512(nn.Module):
+    """Official ``Voxel_RefinerXL``: per patch, SDF conv + feature MLP -> UNet3D -> 3 adaptive blocks -> tanh."""
+
+    def __init__(self, config: RefinerConfig = RefinerConfig()):
+        super().__init__()
+        if config.sign:
+            raise ValueError("Refiner512 needs a config with sign=False")
+        self.config = config
+        width = config.block_out_channels[0]
+        self.conv_in = nn.Conv3d(config.in_channels, 8, 3, padding=1)
+        self.latent_mlp = GeoDecoder(32, 32, 8)
+        self.unet3d1 = UNet3D(16, config.block_out_channels, config.layers_per_block, config.layers_mid_block,
+                              config.norm_num_groups, 1e-5)
+        self.adaptive_conv1 = _adaptive_weight_net(width)
+        self.adaptive_conv2 = _adaptive_weight_net(8)
+        self.adaptive_conv3 = _adaptive_weight_net(8)
+        self.mid_conv = nn.Conv3d(width, 8, 3, padding=1)
+        self.conv_out = nn.Conv3d(8, config.out_channels, 3, padding=1)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.conv_in.weight.dtype
+
+    def embed_features(self, feats: Tensor) -> Tensor:
+        """``latent_mlp`` on feature rows [..., 32] -> [..., 8] (per voxel, so it commutes with densifying)."""
+        return self.latent_mlp(feats.to(self.compute_dtype))
+
+    def refine_embedded_patch(self, sdf_patch: Tensor, latent_patch: Tensor,
+                              intermediates: Optional[dict] = None) -> Tensor:
+        """Patch body after the feature MLP: ``latent_patch`` is the [B, 8, ...] MLP output."""
+        h = self.conv_in(sdf_patch.to(self.compute_dtype))
+        if intermediates is not None:
+            intermediates["conv_in"] = h
+        x = torch.cat([h, latent_patch.to(self.compute_dtype)], dim=1)
+        del h
+        unet_out = self.unet3d1(x)
+        del x
+        a1 = adaptive_filter(unet_out, self.adaptive_conv1(unet_out))
+        if intermediates is not None:
+            intermediates["unet_out"] = unet_out
+            intermediates["adaptive1"] = a1
+        del unet_out
+        m = self.mid_conv(a1)
+        del a1
+        a2 = adaptive_filter(m, self.adaptive_conv2(m))
+        if intermediates is not None:
+            intermediates["mid_conv"] = m
+            intermediates["adaptive2"] = a2
+        del m
+        c = self.conv_out(a2)
+        # the third block filters the 1-channel output with weights predicted from a2 (8 channels)
+        a3 = adaptive_filter(c, self.adaptive_conv3(a2))
+        if intermediates is not None:
+            intermediates["conv_out"] = c
+            intermediates["adaptive3"] = a3
+        del a2, c
+        return torch.tanh(a3)
+
+    def refine_patch(self, sdf_patch: Tensor, feat_patch: Tensor, intermediates: Optional[dict] = None) -> Tensor:
+        """One dense patch: ``sdf_patch`` [B, 1, D, H, W], ``feat_patch`` [B, 32, D, H, W] -> tanh [B, 1, D, H, W]."""
+        latent = self.embed_features(feat_patch.movedim(1, -1)).movedim(-1, 1)
+        if intermediates is not None:
+            intermediates["latent_mlp"] = latent
+        return self.refine_embedded_patch(sdf_patch, latent, intermediates)
+
+    @torch.inference_mode()
+    def refine_volume(self, coords: Tensor, sdf: Tensor, feats: Tensor, *, resolution: Optional[int] = None,
+                      patch_size: Optional[int] = None, stride: Optional[int] = None,
+                      progress: Optional[Callable[[int, int], None]] = None) -> Tensor:
+        """The official whole-volume refinement, patch by patch, from the sparse decoder output.
+
+        ``coords`` [N, 4] (batch, x, y, z) or [N, 3] at ``resolution`` (512), ``sdf`` [N] / [N, 1],
+        ``feats`` [N, 32]. Returns the blended refined SDF as a dense fp32 volume [R, R, R] indexed
+        [x, y, z] on the model's device. Background: SDF 1.0, features 0 (so the MLP input is 0).
+        """
+        resolution = resolution or self.config.volume_resolution
+        patch_size = patch_size or self.config.patch_size
+        stride = stride or self.config.patch_stride
+        device = self.conv_in.weight.device
+        dtype = self.compute_dtype
+        origins = patch_origins(resolution, patch_size, stride)
+        weights = blend_weights(resolution, patch_size, stride, device=device)
+
+        xyz = _spatial_coords(coords).to(device)
+        # MLP on the sparse rows once; the background's MLP output fills the rest of each patch
+        latent_rows = self.embed_features(feats.to(device).reshape(xyz.shape[0], -1))
+        latent_background = self.embed_features(torch.zeros(1, feats.shape[-1], device=device))[0]
+        sdf_source = _PatchSource(xyz, sdf.to(device).reshape(-1, 1), resolution)
+        latent_source = _PatchSource(xyz, latent_rows, resolution)
+        del latent_rows
+        sdf_background = torch.ones(1, device=device)
+
+        volume = torch.zeros((resolution,) * 3, dtype=torch.float32, device=device)
+        boxes = list(itertools.product(range(len(origins)), repeat=3))
+        for n, (i, j, k) in enumerate(boxes):
+            origin = (origins[i], origins[j], origins[k])
+            sdf_patch = sdf_source.densify(origin, patch_size, sdf_background, dtype)
+            latent_patch = latent_source.densify(origin, patch_size, latent_background, dtype)
+            refined = self.refine_embedded_patch(sdf_patch, latent_patch)[0, 0]
+            del sdf_patch, latent_patch
+            blend = weights[i].view(-1, 1, 1) * weights[j].view(1, -1, 1) * weights[k].view(1, 1, -1)
+            region = volume[origin[0]:origin[0] + patch_size, origin[1]:origin[1] + patch_size,
+                            origin[2]:origin[2] + patch_size]
+            region.addcmul_(refined, blend)
+            del refined, blend
+            if progress is not None:
+                progress(n + 1, len(boxes))
+        return volume
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1024 sign refiner
+# ----------------------------------------------------------------------------------------------------
+class SignField:
+    """The official 1024^3 refined field without the dense volume.
+
+    Official: ``vol = ones(1024^3); vol[band] = sdf; vol = |vol| * sign512.repeat_interleave(2)^3;
+    vol[band] = sdf``. So a point p is the decoded SDF where decoded (last write wins), else
+    ``+1 / -1`` from ``sign512[p // 2]``. Holds the deduplicated band and a bool 512^3 grid
+    (True = +1).
+    """
+
+    def __init__(self, coords: Tensor, sdf: Tensor, sign_grid: Tensor, resolution: int = 1024):
+        if sign_grid.dtype != torch.bool or sign_grid.dim() != 3 or any(s * 2 != resolution for s in sign_grid.shape):
+            raise ValueError(f"sign grid must be bool [{resolution // 2}]^3, got {sign_grid.dtype} {tuple(sign_grid.shape)}")
+        self.resolution = resolution
+        self.sign_grid = sign_grid
+        xyz = _spatial_coords(coords).to(sign_grid.device)
+        values = sdf.reshape(-1).to(sign_grid.device)
+        self.band_keys, rows = last_occurrence_unique(_linear_keys(xyz, resolution))
+        self.band_xyz = xyz[rows].long()
+        self.band_values = values[rows].float()
+
+    def band_points(self) -> tuple[Tensor, Tensor]:
+        """The decoded voxels, deduplicated: (points int64 [M, 3], values fp32 [M])."""
+        return self.band_xyz, self.band_values
+
+    def sign_values_at(self, points: Tensor) -> Tensor:
+        """``+1 / -1`` (fp32) of the sign grid at 1024^3 points [K, 3]."""
+        p = points.to(self.sign_grid.device).long() // 2
+        return torch.where(self.sign_grid[p[:, 0], p[:, 1], p[:, 2]], 1.0, -1.0)
+
+    def values_at(self, points: Tensor) -> Tensor:
+        """Field value (fp32) at integer 1024^3 points [K, 3]."""
+        points = points.to(self.sign_grid.device).long()
+        if points.numel() and (points.min() < 0 or points.max() >= self.resolution):
+            raise ValueError(f"points outside the {self.resolution}^3 grid")
+        out = self.sign_values_at(points)
+        if self.band_keys.numel() and points.shape[0]:
+            keys = _linear_keys(points, self.resolution)
+            index = torch.searchsorted(self.band_keys, keys).clamp_max(self.band_keys.numel() - 1)
+            hit = self.band_keys[index] == keys
+            out[hit] = self.band_values[index[hit]]
+        return out
+
+    def __call__(self, points: Tensor) -> Tensor:
+        return self.values_at(points)
+
+    def sign_change_cells(self) -> Tensor:
+        """Lower corners int64 [C, 3] of the 1024-cells whose 8 sign-field corner values differ.
+
+        These are the only cells without decoded corners that can hold the surface. Along an axis,
+        cell c touches the 512 voxel c//2 only (c even) or both (c-1)//2 and (c+1)//2 (c odd), so a
+        cell's sign set is a box of 1 or 2 voxels per axis; the cells of each parity pattern come from
+        one mixed-box test on the 512 grid (no per-cell work, no duplicates).
+        """
+        grid = self.sign_grid
+        size = grid.shape[0]
+        found = []
+        for parity in itertools.product((0, 1), repeat=3):
+            if not any(parity):
+                continue  # a single 512 voxel has one sign
+            extent = [size - p for p in parity]
+            any_positive = torch.zeros(extent, dtype=torch.bool, device=grid.device)
+            all_positive = torch.ones(extent, dtype=torch.bool, device=grid.device)
+            for shift in itertools.product(*[range(p + 1) for p in parity]):
+                view = grid[shift[0]:shift[0] + extent[0], shift[1]:shift[1] + extent[1],
+                            shift[2]:shift[2] + extent[2]]
+                any_positive |= view
+                all_positive &= view
+            lower = (any_positive & ~all_positive).nonzero()
+            del any_positive, all_positive
+            found.append(lower * 2 + torch.tensor(parity, device=grid.device))
+        return torch.cat(found) if found else torch.zeros(0, 3, dtype=torch.long, device=grid.device)
+
+
+class SignRefiner1024(nn.Module):
+    """Official ``Voxel_RefinerXL_sign``: conv_in -> UNet3D -> conv_out = logits; sign = sigmoid >= 0.5."""
+
+    def __init__(self, config: RefinerConfig = RefinerConfig(sign=True, patch_size=256, patch_stride=128)):
+        super().__init__()
+        if not config.sign:
+            raise ValueError("SignRefiner1024 needs a config with sign=True")
+        self.config = config
+        width = config.block_out_channels[0]
+        self.conv_in = nn.Conv3d(config.in_channels, 8, 3, padding=1)
+        self.unet3d1 = UNet3D(8, config.block_out_channels, config.layers_per_block, config.layers_mid_block,
+                              config.norm_num_groups, 1e-5)
+        self.conv_out = nn.Conv3d(width, config.out_channels, 3, padding=1)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.conv_in.weight.dtype
+
+    def sign_logits_patch(self, sdf_patch: Tensor, intermediates: Optional[dict] = None) -> Tensor:
+        """[B, 1, D, H, W] SDF at 512^3 -> logits [B, 1, D, H, W]."""
+        h = self.conv_in(sdf_patch.to(self.compute_dtype))
+        if intermediates is not None:
+            intermediates["conv_in"] = h
+        u = self.unet3d1(h)
+        del h
+        if intermediates is not None:
+            intermediates["unet_out"] = u
+        return self.conv_out(u)
+
+    @staticmethod
+    def positive_sign(logits: Tensor) -> Tensor:
+        """True (+1) where ``sigmoid(logits) >= 0.5`` evaluated in the logits' dtype (fp16 rounding
+        makes logits down to about -4.9e-4 positive, as in the official run)."""
+        return torch.sigmoid(logits) >= 0.5
+
+    @torch.inference_mode()
+    def sign_grid(self, coords: Tensor, sdf: Tensor, *, resolution: int = 1024, patch_size: Optional[int] = None,
+                  stride: Optional[int] = None, progress: Optional[Callable[[int, int], None]] = None) -> Tensor:
+        """Bool sign grid [R/2]^3 (True = +1) from the decoded band at ``resolution`` (1024).
+
+        ``coords`` [N, 4] / [N, 3], ``sdf`` [N] / [N, 1]; duplicate rows allowed (each counts in the 2x
+        mean pool, as officially). Patches are densified from the pooled rows (background 1.0) and
+        overwrite each other in loop order.
+        """
+        from engine.sparse import SparseVoxels, sparse_downsample
+
+        half = resolution // 2
+        patch_size = patch_size or self.config.patch_size
+        stride = stride or self.config.patch_stride
+        device = self.conv_in.weight.device
+        dtype = self.compute_dtype
+        origins = patch_origins(half, patch_size, stride)
+
+        xyz = _spatial_coords(coords).to(device)
+        rows = SparseVoxels(sdf.to(device).reshape(-1, 1),
+                            torch.cat([torch.zeros_like(xyz[:, :1]), xyz], dim=1).to(torch.int32))
+        pooled = sparse_downsample(rows, 2)
+        del rows
+        source = _PatchSource(pooled.coords[:, 1:], pooled.feats, half)
+        del pooled
+        background = torch.ones(1, device=device)
+
+        grid = torch.zeros((half,) * 3, dtype=torch.bool, device=device)
+        boxes = list(itertools.product(range(len(origins)), repeat=3))
+        for n, (i, j, k) in enumerate(boxes):
+            x0, y0, z0 = origins[i], origins[j], origins[k]
+            patch = source.densify((x0, y0, z0), patch_size, background, dtype)
+            logits = self.sign_logits_patch(patch)
+            del patch
+            grid[x0:x0 + patch_size, y0:y0 + patch_size, z0:z0 + patch_size] = self.positive_sign(logits)[0, 0]
+            del logits
+            if progress is not None:
+                progress(n + 1, len(boxes))
+        return grid
+
+    def sign_field(self, coords: Tensor, sdf: Tensor, *, resolution: int = 1024, patch_size: Optional[int] = None,
+                   stride: Optional[int] = None, progress: Optional[Callable[[int, int], None]] = None) -> SignField:
+        """:class:`SignField` of the decoded band and the predicted sign grid."""
+        grid = self.sign_grid(coords, sdf, resolution=resolution, patch_size=patch_size, stride=stride,
+                              progress=progress)
+        return SignField(coords, sdf, grid, resolution)
