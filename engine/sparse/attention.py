@@ -1,0 +1,221 @@
+"""Exact attention over variable-length segments of a flat token list.
+
+`varlen_attention` takes q [Tq, Hq, D], k/v [Tk, Hkv, D] and cumulative segment offsets
+(flash-attn's "varlen" convention) and attends every query segment to the matching key segment.
+Hq must be a multiple of Hkv (grouped-query attention: query head h uses key/value head
+h // (Hq // Hkv)). Softmax scale defaults to 1/sqrt(D).
+
+Implementation: segments are cut into work items (long query segments are split along the queries,
+which is exact because query rows are independent), grouped by similar padded length, gathered into
+padded batches and run through `torch.nn.functional.scaled_dot_product_attention` with a key-padding
+mask (omitted when no key padding is needed). Batches are sized so that their memory stays bounded.
+
+`window_partition` / `windowed_attention` implement the (shifted) window attention of the sparse VAE
+and the sparse DiT window branch: voxel (x, y, z) belongs to window ((x, y, z) + shift) // window of its
+batch element, and attention is full inside each window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .tensor import SparseVoxels, linearize_coords
+
+# Upper bound on the elements of one padded batch's score matrix (S * Hq * Pq * Pk) and of its gathered
+# q/k/v tensors; keeps CPU runs (which materialise scores) and GPU runs memory-bounded.
+_BATCH_ELEMENT_BUDGET = 1 << 26
+# Longest query piece a segment is split into.
+_MAX_QUERY_PIECE = 8192
+
+
+def _round_up_length(lengths: Tensor) -> Tensor:
+    """Bucket id for grouping: lengths rounded up to a step of 1/4 of their power of two (<= 25% padding)."""
+    lengths = lengths.clamp(min=1)
+    exponent = torch.floor(torch.log2(lengths.double())).long()
+    step = torch.clamp(2 ** (exponent - 2), min=1)
+    return ((lengths + step - 1) // step) * step
+
+
+@dataclass
+class AttentionPlan:
+    """Work items of a varlen attention call grouped into padded batches."""
+
+    # each group: (q_start, q_len, k_start, k_len) as int64 tensors of equal length S, and the padded
+    # lengths (Pq, Pk) of the group
+    groups: list[tuple[Tensor, Tensor, Tensor, Tensor, int, int]] = field(default_factory=list)
+
+
+def build_attention_plan(cu_q: Tensor, cu_k: Tensor, max_query_piece: int | None = None) -> AttentionPlan:
+    """Group the (query segment, key segment) pairs given by cumulative offsets into padded batches."""
+    if max_query_piece is None:
+        max_query_piece = _MAX_QUERY_PIECE
+    cu_q = cu_q.long()
+    cu_k = cu_k.long()
+    q_start, q_len = cu_q[:-1], cu_q[1:] - cu_q[:-1]
+    k_start, k_len = cu_k[:-1], cu_k[1:] - cu_k[:-1]
+    # segments without queries contribute nothing; segments without keys give zero output
+    keep = (q_len > 0) & (k_len > 0)
+    q_start, q_len, k_start, k_len = q_start[keep], q_len[keep], k_start[keep], k_len[keep]
+    plan = AttentionPlan()
+    if q_start.numel() == 0:
+        return plan
+    # split long query segments into pieces of at most max_query_piece rows
+    pieces = (q_len + max_query_piece - 1) // max_query_piece
+    if int(pieces.max()) > 1:
+        seg = torch.repeat_interleave(torch.arange(q_len.numel(), device=q_len.device), pieces)
+        first_piece = torch.cumsum(pieces, 0) - pieces
+        piece_idx = torch.arange(seg.numel(), device=seg.device) - first_piece[seg]
+        piece_start = q_start[seg] + piece_idx * max_query_piece
+        piece_len = torch.minimum(q_len[seg] - piece_idx * max_query_piece,
+                                  torch.full_like(piece_idx, max_query_piece))
+        q_start, q_len, k_start, k_len = piece_start, piece_len, k_start[seg], k_len[seg]
+    q_bucket = _round_up_length(q_len)
+    k_bucket = _round_up_length(k_len)
+    bucket_key = q_bucket * (int(k_bucket.max()) + 1) + k_bucket
+    unique_keys, group_of_item = torch.unique(bucket_key, return_inverse=True)
+    order = torch.argsort(group_of_item, stable=True)
+    sizes = torch.bincount(group_of_item, minlength=unique_keys.numel()).tolist()
+    start = 0
+    for size in sizes:
+        items = order[start:start + size]
+        start += size
+        gq_len, gk_len = q_len[items], k_len[items]
+        plan.groups.append((q_start[items], gq_len, k_start[items], gk_len,
+                            int(gq_len.max()), int(gk_len.max())))
+    return plan
+
+
+def _attend_group(q: Tensor, k: Tensor, v: Tensor, out: Tensor, q_start: Tensor, q_len: Tensor,
+                  k_start: Tensor, k_len: Tensor, pq: int, pk: int, scale: float | None,
+                  row_map: Tensor | None) -> None:
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k.shape[1]
+    device = q.device
+    per_item = num_q_heads * pq * max(pk, head_dim) + 3 * pk * num_kv_heads * head_dim
+    items_per_batch = max(1, _BATCH_ELEMENT_BUDGET // per_item)
+    q_arange = torch.arange(pq, device=device)
+    k_arange = torch.arange(pk, device=device)
+    needs_key_mask = bool((k_len != pk).any())
+    gqa = num_q_heads != num_kv_heads
+    for first in range(0, q_start.numel(), items_per_batch):
+        sl = slice(first, first + items_per_batch)
+        qs, ql, ks, kl = q_start[sl], q_len[sl], k_start[sl], k_len[sl]
+        q_valid = q_arange[None, :] < ql[:, None]                      # [S, Pq]
+        k_valid = k_arange[None, :] < kl[:, None]                      # [S, Pk]
+        # padded positions read the segment's first row (any valid row would do; results are dropped/masked)
+        q_rows = torch.where(q_valid, qs[:, None] + q_arange[None, :], qs[:, None])
+        k_rows = torch.where(k_valid, ks[:, None] + k_arange[None, :], ks[:, None])
+        if row_map is not None:  # segment positions -> token rows
+            q_rows, k_rows = row_map[q_rows], row_map[k_rows]
+        qb = q[q_rows].permute(0, 2, 1, 3)                             # [S, Hq, Pq, D]
+        kb = k[k_rows].permute(0, 2, 1, 3)                             # [S, Hkv, Pk, D]
+        vb = v[k_rows].permute(0, 2, 1, 3)
+        mask = k_valid[:, None, None, :] if needs_key_mask else None
+        ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        ob = ob.permute(0, 2, 1, 3)                                    # [S, Pq, Hq, D]
+        out[q_rows[q_valid]] = ob[q_valid]
+
+
+def run_attention_plan(q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan,
+                       scale: float | None = None, row_map: Tensor | None = None) -> Tensor:
+    """Execute a plan. With `row_map`, segment position i refers to token row row_map[i]
+    (used for windows, so tokens need not be copied into window order); q and k share the map."""
+    _check_heads(q, k, v)
+    out = torch.zeros_like(q)
+    for group in plan.groups:
+        _attend_group(q, k, v, out, *group, scale=scale, row_map=row_map)
+    return out
+
+
+def _check_heads(q: Tensor, k: Tensor, v: Tensor) -> None:
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError("attention expects q [T, Hq, D], k/v [T, Hkv, D]")
+    if k.shape != v.shape or q.shape[2] != k.shape[2]:
+        raise ValueError(f"shape mismatch q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"{q.shape[1]} query heads is not a multiple of {k.shape[1]} key/value heads")
+
+
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor,
+                     max_q: int | None = None, max_k: int | None = None,
+                     scale: float | None = None) -> Tensor:
+    """Full attention of each query segment [cu_q[i], cu_q[i+1]) to key segment [cu_k[i], cu_k[i+1]).
+
+    `max_q`/`max_k` are accepted for flash-attn API compatibility; the lengths come from cu_*.
+    """
+    return run_attention_plan(q, k, v, build_attention_plan(cu_q, cu_k), scale=scale)
+
+
+# ====================================================================== windows
+@dataclass
+class WindowPartition:
+    """Tokens grouped by window: `order` lists token rows window by window."""
+
+    order: Tensor          # int64 [N]: rows of the tokens in window order
+    cu_seqlens: Tensor     # int32 [W+1]: window boundaries within `order`
+    max_len: int           # largest window population
+    plan: AttentionPlan    # padded-batch plan over the windows (self-attention: same q/k segments)
+
+    @property
+    def num_windows(self) -> int:
+        return self.cu_seqlens.numel() - 1
+
+
+def _as_triple(value: int | tuple[int, int, int] | list[int]) -> tuple[int, int, int]:
+    if isinstance(value, int):
+        return (value, value, value)
+    triple = tuple(int(x) for x in value)
+    if len(triple) != 3:
+        raise ValueError(f"expected an int or 3 ints, got {value!r}")
+    return triple  # type: ignore[return-value]
+
+
+def window_partition(voxels: SparseVoxels | Tensor, window: int | tuple[int, int, int],
+                     shift: int | tuple[int, int, int] = 0) -> WindowPartition:
+    """Group voxels by window ((x, y, z) + shift) // window within each batch element.
+
+    Pass a SparseVoxels to cache the result in its cache (per window and shift), or a coordinate
+    tensor [N, 4] for an uncached computation.
+    """
+    window_t, shift_t = _as_triple(window), _as_triple(shift)
+    cache = None
+    if isinstance(voxels, SparseVoxels):
+        cache = voxels.cache
+        cache_key = ("window_partition", window_t, shift_t)
+        cached = cache.get(cache_key)
+        if cached is not None:
+            return cached
+        coords = voxels.coords
+    else:
+        coords = voxels
+    device = coords.device
+    c = coords.long()
+    if c.shape[0] == 0:
+        empty = torch.zeros(1, dtype=torch.int32, device=device)
+        partition = WindowPartition(torch.zeros(0, dtype=torch.long, device=device), empty, 0,
+                                    AttentionPlan())
+    else:
+        win = torch.empty_like(c)
+        win[:, 0] = c[:, 0]
+        for axis in range(3):
+            win[:, axis + 1] = torch.div(c[:, axis + 1] + shift_t[axis], window_t[axis], rounding_mode="floor")
+        extent = int(win.max()) + 1
+        keys = linearize_coords(win, extent)
+        sorted_keys, order = torch.sort(keys, stable=True)
+        _, counts = torch.unique_consecutive(sorted_keys, return_counts=True)
+        cu = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=device)
+        cu[1:] = torch.cumsum(counts, 0)
+        partition = WindowPartition(order, cu, int(counts.max()), build_attention_plan(cu, cu))
+    if cache is not None:
+        cache[cache_key] = partition
+    return partition
+
+
+def windowed_attention(q: Tensor, k: Tensor, v: Tensor, partition: WindowPartition,
+                       scale: float | None = None) -> Tensor:
+    """Full attention inside each window. q [N, Hq, D], k/v [N, Hkv, D] in the voxels' row order."""
+    return run_attention_plan(q, k, v, partition.plan, scale=scale, row_map=partition.order)
