@@ -142,6 +142,12 @@ class DenseDecoder(nn.Module):
         return self.out_layer(h).contiguous()
 
 
+def occupied_voxels_from_logits(logits: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
+    """Rows (0, x, y, z) int64 of the voxels of logits[0, 0] with sigmoid >= threshold, in lexicographic order."""
+    occupied = torch.sigmoid(logits[0, 0]) >= threshold
+    return occupied.unsqueeze(0).nonzero()
+
+
 class DenseShapeVAE(nn.Module):
     """The dense stage's VAE: `decode` latents to occupancy logits, `occupied_voxels` for the sparse hand-off."""
 
@@ -187,9 +193,7 @@ class DenseShapeVAE(nn.Module):
         As the official decode_mesh(return_index=True), the sigmoid is taken in the logits' dtype (fp16 in
         the pipeline), so a voxel at the threshold is decided exactly as there. Rows are in lexicographic order.
         """
-        logits = self.decode(latents[:1])
-        occupied = torch.sigmoid(logits[0, 0]) >= threshold
-        return occupied.unsqueeze(0).nonzero()
+        return occupied_voxels_from_logits(self.decode(latents[:1]), threshold)
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         return self.decode(latents)
