@@ -553,68 +553,72 @@ class Worker:
     def run_job(self, job: Job) -> None:
         started = time.monotonic()
         try:
-            if job.cancel_requested.is_set():
-                raise self.api.cancelled_error("cancelled before start")
-            if self.pipeline is None:
-                self.events.emit("progress", id=job.id, stage="load", step=0, total=1, eta_s=None,
-                                 elapsed_s=0.0)
-            was_loaded = self.pipeline is not None
-            pipeline = self.get_pipeline()
-            if not was_loaded:
-                self.events.emit("progress", id=job.id, stage="load", step=1, total=1, eta_s=0.0,
-                                 elapsed_s=round(time.monotonic() - started, 3))
-            if job.cancel_requested.is_set():
-                raise self.api.cancelled_error("cancelled after loading")
-
-            def on_progress(progress) -> None:
-                self.events.emit(
-                    "progress",
-                    id=job.id,
-                    stage=progress.stage,
-                    step=int(progress.step),
-                    total=int(progress.total),
-                    eta_s=None if progress.eta_s is None else round(float(progress.eta_s), 2),
-                    elapsed_s=round(float(progress.elapsed_s), 3),
-                )
-
-            result = pipeline.generate(
-                job.image,
-                job.settings,
-                on_progress=on_progress,
-                should_cancel=job.cancel_requested.is_set,
-            )
-            if job.cancel_requested.is_set():
-                raise self.api.cancelled_error("cancelled after generation")
-            files = write_mesh_files(result.mesh, job.output)
-            stats = dict(getattr(result, "stats", {}) or {})
-            stats["seconds"] = round(time.monotonic() - started, 3)
-            self.events.emit(
-                "result",
-                id=job.id,
-                mesh=files["mesh"],
-                arrays=files["arrays"],
-                vertices=files["vertices"],
-                faces=files["faces"],
-                stats=stats,
-                settings=dataclasses.asdict(job.settings),
-            )
-            self.jobs_done += 1
+            final = self.execute_job(job, started)
         except BaseException as exc:  # noqa: BLE001 - every outcome must reach the client
             if self.api is not None and isinstance(exc, self.api.cancelled_error):
                 log.info("job %r cancelled after %.2f s", job.id, time.monotonic() - started)
-                self.events.emit("cancelled", id=job.id)
+                final = {"event": "cancelled", "id": job.id}
             elif isinstance(exc, RequestError):
-                self.events.emit("error", id=job.id, code=exc.code, message=exc.message)
+                final = {"event": "error", "id": job.id, "code": exc.code, "message": exc.message}
             else:
                 log.error("job %r failed:\n%s", job.id, traceback.format_exc())
                 code, message = describe_failure(exc)
                 if code == "out_of_memory":
                     self.release_pipeline()
-                self.events.emit("error", id=job.id, code=code, message=message)
-        finally:
-            with self.job_lock:
-                if self.job is job:
-                    self.job = None
+                final = {"event": "error", "id": job.id, "code": code, "message": message}
+        # Free the slot before the final event so a client may submit again at once.
+        with self.job_lock:
+            if self.job is job:
+                self.job = None
+        self.events.emit(**final)
+
+    def execute_job(self, job: Job, started: float) -> dict:
+        if job.cancel_requested.is_set():
+            raise self.api.cancelled_error("cancelled before start")
+        was_loaded = self.pipeline is not None
+        if not was_loaded:
+            self.events.emit("progress", id=job.id, stage="load", step=0, total=1, eta_s=None,
+                             elapsed_s=0.0)
+        pipeline = self.get_pipeline()
+        if not was_loaded:
+            self.events.emit("progress", id=job.id, stage="load", step=1, total=1, eta_s=0.0,
+                             elapsed_s=round(time.monotonic() - started, 3))
+        if job.cancel_requested.is_set():
+            raise self.api.cancelled_error("cancelled after loading")
+
+        def on_progress(progress) -> None:
+            self.events.emit(
+                "progress",
+                id=job.id,
+                stage=progress.stage,
+                step=int(progress.step),
+                total=int(progress.total),
+                eta_s=None if progress.eta_s is None else round(float(progress.eta_s), 2),
+                elapsed_s=round(float(progress.elapsed_s), 3),
+            )
+
+        result = pipeline.generate(
+            job.image,
+            job.settings,
+            on_progress=on_progress,
+            should_cancel=job.cancel_requested.is_set,
+        )
+        if job.cancel_requested.is_set():
+            raise self.api.cancelled_error("cancelled after generation")
+        files = write_mesh_files(result.mesh, job.output)
+        stats = dict(getattr(result, "stats", {}) or {})
+        stats["seconds"] = round(time.monotonic() - started, 3)
+        self.jobs_done += 1
+        return {
+            "event": "result",
+            "id": job.id,
+            "mesh": files["mesh"],
+            "arrays": files["arrays"],
+            "vertices": files["vertices"],
+            "faces": files["faces"],
+            "stats": stats,
+            "settings": dataclasses.asdict(job.settings),
+        }
 
     def shutdown(self) -> None:
         with self.job_lock:

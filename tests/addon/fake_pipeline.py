@@ -51,7 +51,10 @@ class FakePipeline:
 
     def generate(self, image, settings, on_progress=None, should_cancel=None):
         import trimesh
+        from PIL import Image
 
+        with Image.open(image) as picture:  # fail like the real pipeline on unreadable images
+            picture.load()
         step_seconds = float(os.environ.get("D3D_FAKE_STEP_SECONDS", "0.05"))
         if "raise" in os.path.basename(str(image)):
             raise RuntimeError("fake pipeline failure requested by the image name")
