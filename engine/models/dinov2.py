@@ -299,7 +299,11 @@ def original_to_hf_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[st
 
 
 def load_dinov2_state_dict(model: DINOv2Encoder, state_dict: Mapping[str, torch.Tensor]):
-    """Strictly load either the original DINOv2 layout or the Hugging Face layout (detected from the keys)."""
-    if is_hf_dinov2_layout(state_dict):
-        state_dict = hf_to_original_state_dict(state_dict)
+    """Strictly load either the original DINOv2 layout or the Hugging Face layout (detected from the keys).
+
+    The one tolerated absence is `mask_token` (used only by DINO's masked-image training, never at
+    inference): a file without it keeps the model's current value. Every other key must be present.
+    """
+    state_dict = hf_to_original_state_dict(state_dict) if is_hf_dinov2_layout(state_dict) else dict(state_dict)
+    state_dict.setdefault("mask_token", model.mask_token.detach())
     return model.load_state_dict(state_dict, strict=True)

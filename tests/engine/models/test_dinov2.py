@@ -44,11 +44,21 @@ def test_original_and_hf_layouts_load_and_agree():
     assert hf_to_original_state_dict(prefixed).keys() == original.keys()
 
 
-def test_hf_layout_with_missing_projection_is_rejected():
+def test_incomplete_state_dicts_are_rejected_except_mask_token():
     hf = original_to_hf_state_dict(random_original_state_dict(TINY))
     del hf["encoder.layer.0.attention.attention.value.bias"]
     with pytest.raises(KeyError):
         load_dinov2_state_dict(DINOv2Encoder(TINY), hf)
+    original = random_original_state_dict(TINY)
+    del original["blocks.1.ls2.gamma"]
+    with pytest.raises(RuntimeError):
+        load_dinov2_state_dict(DINOv2Encoder(TINY), original)
+    # the training-only mask token may be absent
+    original = random_original_state_dict(TINY)
+    del original["mask_token"]
+    model = DINOv2Encoder(TINY)
+    load_dinov2_state_dict(model, original)
+    assert torch.equal(model.blocks[1].ls2.gamma, original["blocks.1.ls2.gamma"])
 
 
 def test_output_is_prenorm_tokens_with_plain_layer_norm():
