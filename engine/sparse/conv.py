@@ -34,6 +34,8 @@ CENTER_OFFSET = 13  # (dx, dy, dz) = (0, 0, 0)
 
 # Rows of the gathered input processed at once by the torch backend (bounds temporary memory).
 _TORCH_CHUNK_ROWS = 1 << 20
+# Grids with at most this many cells (batch * extent^3) use a dense lookup table for neighbour search.
+_DENSE_TABLE_CELLS = 1 << 24
 
 _backend_override: str | None = None
 
@@ -86,7 +88,7 @@ def resolve_conv_backend(feats: Tensor, backend: str | None = None) -> str:
 
 # ====================================================================== torch backend
 def torch_neighbour_pairs(voxels: SparseVoxels) -> list[tuple[Tensor, Tensor]]:
-    """For each kernel offset k: (input rows, output rows) with input = output + d(k).
+    """For each kernel offset k: (input rows, output rows) int64 with input = output + d(k).
 
     Computed once per coordinate set and cached. The centre offset pairs every row with itself and
     is stored as an empty placeholder (the convolution treats it as a dense matmul).
@@ -98,30 +100,39 @@ def torch_neighbour_pairs(voxels: SparseVoxels) -> list[tuple[Tensor, Tensor]]:
     coords = voxels.coords
     n = coords.shape[0]
     device = coords.device
-    index_dtype = torch.int32 if n < 2**31 - 1 else torch.int64
-    empty = torch.empty(0, dtype=index_dtype, device=device)
-    pairs: list[tuple[Tensor, Tensor]] = [(empty, empty)] * KERNEL_VOLUME
+    empty = torch.empty(0, dtype=torch.long, device=device)
+    pairs = [(empty, empty)] * KERNEL_VOLUME
     if n > 0:
         # shift by +1 and use an extent of max+3 so that every neighbour key is a valid, distinct key
         extent = max(voxels.spatial_extent()) + 2
         shifted = coords.long()
         shifted[:, 1:] += 1
         keys = linearize_coords(shifted, extent)
-        sorted_keys, sort_perm = torch.sort(keys)
         offsets = kernel_offsets(device)
-        key_steps = offsets[:, 0] * extent * extent + offsets[:, 1] * extent + offsets[:, 2]
+        key_steps = (offsets[:, 0] * extent * extent + offsets[:, 1] * extent + offsets[:, 2]).tolist()
         rows = torch.arange(n, device=device)
+        num_cells = (int(coords[:, 0].max()) + 1) * extent ** 3
+        if num_cells <= max(_DENSE_TABLE_CELLS, 16 * n):
+            # small grid: a dense key -> row table answers each lookup with one gather
+            table = torch.full((num_cells,), -1, dtype=torch.int32, device=device)
+            table[keys] = rows.to(torch.int32)
+
+            def lookup(query: Tensor) -> Tensor:
+                return table[query].long()
+        else:
+            # large grid: binary search in the sorted keys
+            sorted_keys, sort_perm = torch.sort(keys)
+
+            def lookup(query: Tensor) -> Tensor:
+                pos = torch.searchsorted(sorted_keys, query).clamp_(max=n - 1)
+                return torch.where(sorted_keys[pos] == query, sort_perm[pos], -1)
+
         # Offsets k and 26-k are opposite: if (in=i, out=o) is a pair for d then (in=o, out=i) is one
-        # for -d. Search only k < 13 and mirror.
+        # for -d. Look up only k < 13 and mirror.
         for k in range(CENTER_OFFSET):
-            query = keys + key_steps[k]
-            pos = torch.searchsorted(sorted_keys, query).clamp_(max=n - 1)
-            found = sorted_keys[pos] == query
-            out_rows = rows[found]
-            in_rows = sort_perm[pos[found]]
-            del query, pos, found
-            out_rows = out_rows.to(index_dtype)
-            in_rows = in_rows.to(index_dtype)
+            neighbour = lookup(keys + key_steps[k])
+            found = neighbour >= 0
+            in_rows, out_rows = neighbour[found], rows[found]
             pairs[k] = (in_rows, out_rows)
             pairs[KERNEL_VOLUME - 1 - k] = (out_rows, in_rows)
     voxels.cache["torch_kmap"] = pairs
@@ -236,6 +247,9 @@ def submanifold_conv3x3x3(voxels: SparseVoxels, kernel: Tensor, bias: Tensor | N
 class SparseConvParameters(nn.Module):
     """Holds `kernel` and `bias` exactly as torchsparse.nn.Conv3d registers them."""
 
+    # engine.models.cast_compute_layers casts these to the compute dtype, as the official use_fp16 does
+    casts_with_compute = True
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool = True):
         super().__init__()
         volume = kernel_size ** 3
@@ -256,6 +270,8 @@ class SparseConvParameters(nn.Module):
 
 class SparseConv3d(nn.Module):
     """Submanifold sparse convolution, kernel size 3 or 1, stride 1 (output voxels = input voxels)."""
+
+    takes_sparse_voxels = True
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, bias: bool = True):
         super().__init__()

@@ -59,6 +59,8 @@ def sparse_subdivide(v: SparseVoxels) -> SparseVoxels:
 class SparseGroupNorm32(nn.GroupNorm):
     """GroupNorm over all voxels of each batch element, computed in float32 (keys `weight`, `bias`)."""
 
+    takes_sparse_voxels = True
+
     def forward(self, v: SparseVoxels) -> SparseVoxels:  # type: ignore[override]
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
@@ -79,3 +81,20 @@ def sparse_layer_norm(v: SparseVoxels, eps: float = 1e-5, weight: Tensor | None 
     b = None if bias is None else bias.float()
     out = F.layer_norm(v.feats.float(), (v.channels,), w, b, eps)
     return v.replace(out.to(v.dtype))
+
+
+class SparseSequential(nn.ModuleList):
+    """Applies its modules in turn to a SparseVoxels.
+
+    Sparse-aware modules (those whose forward takes SparseVoxels, e.g. SparseConv3d, SparseGroupNorm32)
+    get the voxels; plain feature-wise modules (nn.SiLU, nn.Linear, ...) get the feature rows. Keys are
+    `<index>.<param>` like nn.Sequential, so official layer lists load unchanged.
+    """
+
+    def forward(self, v: SparseVoxels) -> SparseVoxels:  # type: ignore[override]
+        for module in self:
+            if getattr(module, "takes_sparse_voxels", False):
+                v = module(v)
+            else:
+                v = v.replace(module(v.feats))
+        return v
