@@ -21,6 +21,8 @@ exactly once.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -34,6 +36,12 @@ SUBDIVISION_LEVELS = 3                  # three x2 subdivisions: latent -> 8x re
 FINE_PER_LATENT = 2 ** SUBDIVISION_LEVELS
 CHUNK_HALO = 4                          # latent voxels of context around each decoding chunk
 ENCODER_NORM_GROUPS = 32                # GroupNorm groups in the encoder down blocks (official value)
+
+
+def encoder_norm_groups(channels: int, max_groups: int = ENCODER_NORM_GROUPS) -> int:
+    """32 groups, as official, for widths divisible by 32 (all released sizes); for the narrow widths of
+    scaled-down test configs the largest divisor of the width below 32 (official code cannot build those)."""
+    return math.gcd(max_groups, channels)
 
 
 # ====================================================================== transformer trunk
@@ -108,10 +116,11 @@ class SparseDownBlock3d(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, norm_groups: int = ENCODER_NORM_GROUPS):
         super().__init__()
-        self.act_layers = SparseSequential([SparseGroupNorm32(norm_groups, in_channels), nn.SiLU()])
+        self.act_layers = SparseSequential([
+            SparseGroupNorm32(encoder_norm_groups(in_channels, norm_groups), in_channels), nn.SiLU()])
         self.out_layers = SparseSequential([
             SparseConv3d(in_channels, out_channels, 3),
-            SparseGroupNorm32(norm_groups, out_channels),
+            SparseGroupNorm32(encoder_norm_groups(out_channels, norm_groups), out_channels),
             nn.SiLU(),
             SparseConv3d(out_channels, out_channels, 3),
         ])
