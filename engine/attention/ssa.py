@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from engine.sparse import (SparseConv3d, SparseGroupNorm32, SparseVoxels, window_partition,
+                           windowed_attention)
 
 # Upper bound on the number of fp32 elements of one chunk's score tensor (~256 MiB).
 _SCORE_BUDGET = 1 << 26
@@ -212,6 +213,7 @@ class SSALayout:
     comp_coords: Tensor      # int32 [Nc, 4]: (batch, x//c, y//c, z//c), sorted lexicographically
     pe_index: Tensor         # int64 [N]: flat index of (x%c, y%c, z%c) into intra_block_pe
     elements: list[ElementLayout]
+    pooled_template: object = None   # SparseVoxels of the compressed tokens (v2 convs), made lazily
 
 
 def _linear_key(columns: Tensor, extent: int) -> Tensor:
@@ -297,3 +299,228 @@ def ssa_layout(voxels, compression_block_size: int, selection_block_size: int) -
         layout = compute_ssa_layout(voxels.coords, compression_block_size, selection_block_size)
         voxels.cache[key] = layout
     return layout
+
+
+# ============================================================================ batch packing
+@dataclass
+class RowPacking:
+    """How the rows of a batch of sparse tokens map to a padded `[B, L, C]` tensor.
+
+    When every batch element has the same number of tokens (the cond/uncond batch of guidance)
+    packing is a free reshape; otherwise rows are scattered into zero padding."""
+
+    batch_size: int
+    length: int
+    flat_index: Tensor | None   # int64 [N]: position of each row in the flattened [B*L]; None = reshape
+
+
+def row_packing(voxels) -> RowPacking:
+    packing = voxels.cache.get("row_packing")
+    if packing is None:
+        counts = voxels.batch_counts()
+        batch_size, length = len(counts), max(counts, default=0)
+        flat_index = None
+        if any(count != length for count in counts):
+            batch = voxels.coords[:, 0].long()
+            starts = torch.tensor([s.start for s in voxels.batch_slices()], device=voxels.device)
+            position = torch.arange(voxels.num_voxels, device=voxels.device) - starts[batch]
+            flat_index = batch * length + position
+        packing = RowPacking(batch_size, length, flat_index)
+        voxels.cache["row_packing"] = packing
+    return packing
+
+
+def pack_rows(feats: Tensor, packing: RowPacking) -> Tensor:
+    """[N, C] -> [B, L, C]."""
+    if packing.flat_index is None:
+        return feats.reshape(packing.batch_size, packing.length, feats.shape[-1])
+    packed = feats.new_zeros(packing.batch_size * packing.length, feats.shape[-1])
+    packed[packing.flat_index] = feats
+    return packed.view(packing.batch_size, packing.length, feats.shape[-1])
+
+
+def unpack_rows(packed: Tensor, packing: RowPacking) -> Tensor:
+    """[B, L, C] -> [N, C]."""
+    flat = packed.reshape(-1, packed.shape[-1])
+    return flat if packing.flat_index is None else flat[packing.flat_index]
+
+
+# ============================================================================ kernel dispatch
+_TRITON_OPS: list = []  # memo: [module or None]
+
+
+def _triton_module():
+    if not _TRITON_OPS:
+        try:
+            import engine.attention.triton as triton_ops
+        except Exception:  # no Triton, no GPU build, or the kernels are not there yet
+            triton_ops = None
+        _TRITON_OPS.append(triton_ops)
+    return _TRITON_OPS[0]
+
+
+class _TorchOps:
+    compressed_attention = staticmethod(compressed_attention)
+    select_blocks = staticmethod(select_blocks)
+    selection_attention = staticmethod(selection_attention)
+
+
+def ssa_ops(backend: str, device: torch.device):
+    """The object providing the three SSA kernels for `backend` ("auto" | "torch" | "triton")."""
+    if backend == "torch":
+        return _TorchOps
+    if backend not in ("auto", "triton"):
+        raise ValueError(f"unknown SSA backend {backend!r}; expected 'auto', 'torch' or 'triton'")
+    triton_ops = _triton_module() if device.type == "cuda" or backend == "triton" else None
+    if triton_ops is None:
+        if backend == "triton":
+            raise RuntimeError("SSA backend 'triton' requested but engine.attention.triton is unavailable")
+        return _TorchOps
+    return triton_ops
+
+
+# ============================================================================ modules
+def _block_pool(feats: Tensor, layout: SSALayout) -> Tensor:
+    """Pooling of the token rows of each compression block as the official SparseDownsample does it:
+    `scatter_reduce(zeros, reduce="mean")` with the default include_self=True, so the zero it starts
+    from is averaged in too: sum / (count + 1). Accumulated in float64 (verified against the parity
+    fixtures: a plain mean changes most top-k selections)."""
+    sums = feats.new_zeros(layout.comp_counts.shape[0], feats.shape[1], dtype=torch.float64)
+    sums.index_add_(0, layout.token_to_comp, feats.double())
+    return (sums / (layout.comp_counts + 1).unsqueeze(1)).to(feats.dtype)
+
+
+def _pooled_voxels(layout: SSALayout, feats: Tensor):
+    """The compressed tokens as SparseVoxels; the object (and its neighbour-map cache) is kept."""
+    if layout.pooled_template is None:
+        layout.pooled_template = SparseVoxels(feats.new_zeros(feats.shape[0], 0), layout.comp_coords)
+    return layout.pooled_template.replace(feats)
+
+
+class CompressionV1(nn.Module):
+    """v1.1 compression: 1^3 sparse conv (+bias) -> SiLU -> pool each compression block (`_block_pool`)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.act_layers = nn.Sequential(SparseConv3d(channels, channels, kernel_size=1), nn.SiLU())
+
+    def forward(self, tokens: SparseVoxels, layout: SSALayout) -> Tensor:
+        hidden = F.silu(self.act_layers[0](tokens).feats)
+        return _block_pool(hidden, layout)
+
+
+class CompressionV2(nn.Module):
+    """v1.0 compression: GroupNorm32 + SiLU -> pool per compression block (`_block_pool`) -> conv3 ->
+    GroupNorm32 -> SiLU -> conv3 (submanifold on the pooled voxels), plus the pooled raw input as skip."""
+
+    def __init__(self, channels: int, num_groups: int = 32):
+        super().__init__()
+        self.act_layers = nn.Sequential(SparseGroupNorm32(num_groups, channels), nn.SiLU())
+        self.out_layers = nn.Sequential(SparseConv3d(channels, channels, 3), SparseGroupNorm32(num_groups, channels),
+                                        nn.SiLU(), SparseConv3d(channels, channels, 3))
+
+    def forward(self, tokens: SparseVoxels, layout: SSALayout) -> Tensor:
+        skip = _block_pool(tokens.feats, layout)
+        hidden = F.silu(self.act_layers[0](tokens).feats)
+        pooled = _pooled_voxels(layout, _block_pool(hidden, layout))
+        pooled = self.out_layers[0](pooled)
+        pooled = pooled.replace(F.silu(self.out_layers[1](pooled).feats))
+        return self.out_layers[3](pooled).feats + skip
+
+
+class SpatialSparseAttention(nn.Module):
+    """Gated sum of the compressed, selected and sliding-window attention branches (§4).
+
+    Keys: `proj_q/k/v/o.weight` (no bias), `intra_block_pe` [c, c, c, Hkv*D], `gate.0.weight` [3, C],
+    `compression_key.*`, `compression_value.*`. Tokens must be in sort_block order per batch element.
+    """
+
+    def __init__(self, channels: int, num_heads: int, num_kv_heads: int, compression_block_size: int,
+                 selection_block_size: int, topk: int, window_size: int = 8, shift_window: int = 0,
+                 compression_version: str = "v1", backend: str = "auto"):
+        super().__init__()
+        if channels % num_heads or num_heads % num_kv_heads:
+            raise ValueError("channels must divide into num_heads, num_heads into num_kv_heads")
+        self.channels, self.num_heads, self.num_kv_heads = channels, num_heads, num_kv_heads
+        self.head_dim = channels // num_heads
+        kv_channels = num_kv_heads * self.head_dim
+        self.compression_block_size = compression_block_size
+        self.selection_block_size = selection_block_size
+        self.topk = topk
+        self.window_size, self.shift_window = window_size, shift_window
+        self.backend = backend
+        self.proj_q = nn.Linear(channels, channels, bias=False)
+        self.proj_k = nn.Linear(channels, kv_channels, bias=False)
+        self.proj_v = nn.Linear(channels, kv_channels, bias=False)
+        self.proj_o = nn.Linear(channels, channels, bias=False)
+        c = compression_block_size
+        self.intra_block_pe = nn.Parameter(torch.zeros(c, c, c, kv_channels))
+        if compression_version == "v1":
+            self.compression_key, self.compression_value = CompressionV1(kv_channels), CompressionV1(kv_channels)
+        elif compression_version == "v2":
+            self.compression_key, self.compression_value = CompressionV2(kv_channels), CompressionV2(kv_channels)
+        else:
+            raise ValueError(f"unknown compression_version {compression_version!r}")
+        self.gate = nn.Sequential(nn.Linear(channels, 3, bias=False), nn.Sigmoid())
+        self.record_selection = False        # when True, `last_block_topk` keeps the selections used
+        self.last_block_topk: list[Tensor] = []
+
+    def forward(self, x, voxels: SparseVoxels | None = None, block_topk=None):
+        """x: SparseVoxels, or features `[N, C]` / packed `[B, L, C]` (see `pack_rows`) on the
+        coordinates of `voxels`. block_topk: optional injected selection, a tensor (batch of one) or
+        one entry per batch element (int [Hkv, N_b, k] or None for the natural selection).
+        Returns the same kind of input it was given."""
+        if isinstance(x, SparseVoxels):
+            voxels, feats = x, x.feats
+        else:
+            if voxels is None:
+                raise ValueError("SpatialSparseAttention needs `voxels` for plain feature tensors")
+            feats = unpack_rows(x, row_packing(voxels)) if x.dim() == 3 else x
+        out = self._attend(feats, voxels, block_topk)
+        if isinstance(x, SparseVoxels):
+            return x.replace(out)
+        return pack_rows(out, row_packing(voxels)) if x.dim() == 3 else out
+
+    def _attend(self, x: Tensor, voxels: SparseVoxels, block_topk) -> Tensor:
+        n_tokens = x.shape[0]
+        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        layout = ssa_layout(voxels, self.compression_block_size, self.selection_block_size)
+        weight = torch.cat([self.proj_q.weight, self.proj_k.weight, self.proj_v.weight]).to(x.dtype)
+        q, k, v = F.linear(x, weight).split([hq * d, hkv * d, hkv * d], dim=-1)
+
+        # compressed keys/values (keys carry the learned position inside their compression block)
+        pe = self.intra_block_pe.reshape(-1, hkv * d)[layout.pe_index]
+        keys_with_pe = (k.float() + pe.float()).to(x.dtype)
+        ck = self.compression_key(voxels.replace(keys_with_pe), layout).view(-1, hkv, d)
+        cv = self.compression_value(voxels.replace(v.contiguous()), layout).view(-1, hkv, d)
+        q, k, v = q.reshape(n_tokens, hq, d), k.reshape(n_tokens, hkv, d), v.reshape(n_tokens, hkv, d)
+
+        ops = ssa_ops(self.backend, x.device)
+        compressed = torch.empty_like(q)
+        selected = torch.empty_like(q)
+        injected = [block_topk] if isinstance(block_topk, Tensor) else block_topk
+        if injected is not None and len(injected) != len(layout.elements):
+            raise ValueError(f"block_topk has {len(injected)} entries for {len(layout.elements)} batch elements")
+        self.last_block_topk = []
+        for index, element in enumerate(layout.elements):
+            rows, comp_rows, blocks = element.token_rows, element.comp_rows, element.blocks
+            if rows.stop == rows.start:
+                continue
+            q_b, ck_b = q[rows], ck[comp_rows]
+            out_b, lse_b = ops.compressed_attention(q_b, ck_b, cv[comp_rows])
+            compressed[rows] = out_b
+            selection = None if injected is None else injected[index]
+            if selection is None:
+                selection = ops.select_blocks(q_b, ck_b, lse_b, blocks.comp_block_ids, blocks.num_blocks,
+                                              self.topk)
+            selection = selection.to(device=x.device, dtype=torch.int32)
+            if self.record_selection:
+                self.last_block_topk.append(selection)
+            selected[rows] = ops.selection_attention(q_b, k[rows], v[rows], selection, blocks.block_offsets)
+
+        partition = window_partition(voxels, self.window_size, self.shift_window)
+        windowed = windowed_attention(q, k, v, partition)
+
+        gates = self.gate(x).float().unsqueeze(-1).unsqueeze(-1)             # [N, 3, 1, 1]
+        mixed = gates[:, 0] * compressed.float() + gates[:, 1] * selected.float() + gates[:, 2] * windowed.float()
+        return self.proj_o(mixed.reshape(n_tokens, hq * d).to(x.dtype))

@@ -1,0 +1,197 @@
+"""Sparse DiT of the 512 and 1024 stages (architecture notes §3.5, §4; v1.0 sparse conditions §2.1).
+
+Tokens `[N, in_channels]` on block-sorted latent coordinates -> `input_layer` -> + APE(coords * factor)
+-> `num_blocks` modulated cross blocks (self-attention: Spatial Sparse Attention with window shift 0
+on even and window/2 on odd blocks; cross-attention: full attention to the image context) ->
+LayerNorm (no affine, eps 1e-5) -> `out_layer`.
+
+Batches: rows of each batch element are contiguous; elements may share coordinates (the cond and
+uncond halves of a guidance batch), and then share every coordinate-dependent cache. Linear layers
+run on a packed `[B, L, C]` tensor (a reshape when the elements have equal sizes); SSA runs per
+element. Everything that depends only on the coordinates (APE, SSA block bookkeeping, window
+partitions, pooling maps, neighbour maps) is cached in the input's `SparseVoxels.cache`, so a
+sampler that keeps feeding `x.replace(new_feats)` computes it once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from engine.attention.ssa import SpatialSparseAttention, pack_rows, row_packing, unpack_rows
+from engine.configs import SparseDiTConfig
+from engine.models.blocks import (ModulatedCrossBlock, MultiHeadAttention, TimestepEmbedder,
+                                  absolute_position_embedding)
+from engine.sparse import SparseVoxels
+
+# number of non-patch tokens at the start of the DINOv2 output: cls + 4 registers
+NUM_PREFIX_TOKENS = 5
+
+
+class ContextCrossAttention(MultiHeadAttention):
+    """Cross-attention of packed tokens `[B, L, C]` to a context `[B, Lc, C_ctx]`, optionally with a
+    key padding mask `[B, Lc]` (sparse conditions of unequal size per batch element). Keys
+    `to_q`, `to_kv`, `to_out` (with bias), as `MultiHeadAttention(attn_type="cross")`."""
+
+    def __init__(self, channels: int, num_heads: int, ctx_channels: int, qk_rms_norm: bool = False):
+        super().__init__(channels, num_heads, ctx_channels=ctx_channels, attn_type="cross",
+                         qk_rms_norm=qk_rms_norm)
+
+    def forward(self, x: Tensor, context) -> Tensor:  # type: ignore[override]
+        context, key_mask = context if isinstance(context, tuple) else (context, None)
+        q, k, v = self.project(x, context)
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=mask)
+        return self.to_out(out.transpose(1, 2).flatten(-2))
+
+
+class SparseDiT(nn.Module):
+    """The official `SparseDiT` with identical parameter keys (v1.0 and v1.1 layouts)."""
+
+    def __init__(self, config: SparseDiTConfig, ssa_backend: str = "auto"):
+        super().__init__()
+        self.config = config
+        channels = config.model_channels
+        if config.sparse_conditions and config.cond_channels != channels:
+            # the condition APE has model_channels channels and is added to cond_proj's output
+            raise ValueError("sparse_conditions needs cond_channels == model_channels")
+        self.t_embedder = TimestepEmbedder(channels)
+        if config.share_mod:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 6 * channels))
+        if config.sparse_conditions:
+            self.cond_proj = nn.Linear(config.cond_channels, config.cond_channels)
+        self.input_layer = nn.Linear(config.in_channels, channels)
+        blocks = []
+        for index in range(config.num_blocks):
+            shift = config.window_size // 2 if config.use_shift and index % 2 == 1 else 0
+            self_attn = SpatialSparseAttention(
+                channels, config.heads, config.num_kv_heads, config.compression_block_size,
+                config.selection_block_size, config.topk, window_size=config.window_size,
+                shift_window=shift, compression_version=config.compression_version, backend=ssa_backend)
+            cross_attn = ContextCrossAttention(channels, config.heads, config.cond_channels,
+                                               qk_rms_norm=config.qk_rms_norm_cross)
+            blocks.append(ModulatedCrossBlock(channels, self_attn, cross_attn, config.mlp_ratio,
+                                              share_mod=config.share_mod))
+        self.blocks = nn.ModuleList(blocks)
+        self.out_layer = nn.Linear(channels, config.out_channels)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.input_layer.weight.dtype
+
+    def set_ssa_backend(self, backend: str) -> None:
+        for block in self.blocks:
+            block.self_attn.backend = backend
+
+    # ------------------------------------------------------------------ inputs
+    def position_embedding(self, x: SparseVoxels) -> Tensor:
+        """APE of `coords * factor` in the compute dtype, cached per coordinate set."""
+        key = ("sparse_dit_ape", self.config.model_channels, self.config.factor, self.compute_dtype)
+        embedding = x.cache.get(key)
+        if embedding is None:
+            positions = x.coords[:, 1:].float() * self.config.factor
+            embedding = absolute_position_embedding(positions, self.config.model_channels).to(self.compute_dtype)
+            x.cache[key] = embedding
+        return embedding
+
+    def prepare_context(self, cond, batch_size: int):
+        """Dense context `[B, L, C]`, or `(context, key_mask)` for sparse conditions of unequal sizes."""
+        dtype = self.compute_dtype
+        if isinstance(cond, SparseVoxels):
+            if not self.config.sparse_conditions:
+                raise ValueError("this model (sparse_conditions=False) takes a dense context [B, L, C]")
+            feats = self.cond_proj(cond.feats.to(dtype))
+            ape = absolute_position_embedding(cond.coords[:, 1:], self.config.model_channels)
+            feats = feats + ape.to(dtype)
+            packing = row_packing(cond)
+            if packing.batch_size != batch_size:
+                raise ValueError(f"{packing.batch_size} condition batch elements for {batch_size} token batches")
+            context = pack_rows(feats, packing)
+            if packing.flat_index is None:
+                return context
+            key_mask = torch.zeros(batch_size * packing.length, dtype=torch.bool, device=feats.device)
+            key_mask[packing.flat_index] = True
+            return context, key_mask.view(batch_size, packing.length)
+        if self.config.sparse_conditions:
+            raise ValueError("this model (sparse_conditions=True) takes the condition tokens as SparseVoxels "
+                             "(see sparse_condition_tokens)")
+        if cond.dim() != 3:
+            raise ValueError(f"dense context must be [B, L, C], got {tuple(cond.shape)}")
+        if cond.shape[0] != batch_size:
+            if cond.shape[0] != 1:
+                raise ValueError(f"context batch {cond.shape[0]} for {batch_size} token batches")
+            cond = cond.expand(batch_size, -1, -1)
+        return cond.to(dtype)
+
+    def timestep_embedding(self, t: Tensor, batch_size: int, device) -> Tensor:
+        t = torch.as_tensor(t, device=device).reshape(-1)
+        if t.numel() not in (1, batch_size):
+            raise ValueError(f"{t.numel()} timesteps for batch size {batch_size}")
+        t_emb = self.t_embedder(t.expand(batch_size) if t.numel() == 1 else t)
+        if self.config.share_mod:
+            t_emb = self.adaLN_modulation(t_emb)
+        return t_emb.to(self.compute_dtype)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: SparseVoxels, t: Tensor, cond, block_topk: Sequence | None = None) -> SparseVoxels:
+        """Velocity for tokens `x` at timestep(s) `t` given `cond`.
+
+        cond: dense context `[B, L, cond_channels]` (v1.1; a batch of 1 is broadcast) or the
+        condition tokens as SparseVoxels (v1.0, from `sparse_condition_tokens`).
+        block_topk: optional injected SSA selection, one entry per DiT block (see
+        `SpatialSparseAttention.forward`). Returns SparseVoxels on x's coordinates in x's dtype.
+        """
+        if block_topk is not None and len(block_topk) != len(self.blocks):
+            raise ValueError(f"block_topk has {len(block_topk)} entries for {len(self.blocks)} blocks")
+        dtype = self.compute_dtype
+        packing = row_packing(x)
+        batch_size = packing.batch_size
+        h = self.input_layer(x.feats.to(dtype)) + self.position_embedding(x)
+        t_emb = self.timestep_embedding(t, batch_size, x.device)
+        context = self.prepare_context(cond, batch_size)
+        h = pack_rows(h, packing)
+        for index, block in enumerate(self.blocks):
+            selection = None if block_topk is None else block_topk[index]
+            h = block(h, t_emb, context, voxels=x, block_topk=selection)
+        h = unpack_rows(h, packing)
+        h = F.layer_norm(h.float(), (h.shape[-1],), eps=1e-5).to(dtype)
+        return x.replace(self.out_layer(h).to(x.dtype))
+
+
+def sparse_condition_tokens(dense_context: Tensor, mask: Tensor, patch_size: int = 14) -> SparseVoxels:
+    """v1.0 sparse image conditions (architecture notes §2.1).
+
+    dense_context: DINOv2 tokens `[B, 5 + P*P, C]` (cls, 4 registers, P x P patches row-major).
+    mask: foreground, either per patch `[B, P, P]` or per pixel `[B, P*patch, P*patch]` (or with a
+    channel dim of 1), which is max-pooled with kernel = stride = `patch_size`.
+    Per image: the 5 prefix tokens at (x, y, z) = (0, 0, 1), then every patch containing foreground,
+    in row-major order, at (x = column, y = row, z = 0). Coordinates are int32 (batch, x, y, z).
+    """
+    batch_size, length, _ = dense_context.shape
+    grid = math.isqrt(length - NUM_PREFIX_TOKENS)
+    if grid * grid != length - NUM_PREFIX_TOKENS:
+        raise ValueError(f"{length} tokens is not {NUM_PREFIX_TOKENS} + a square patch grid")
+    if mask.dim() == 4:
+        if mask.shape[1] != 1:
+            raise ValueError(f"mask must have one channel, got {tuple(mask.shape)}")
+        mask = mask[:, 0]
+    if mask.shape[-2:] != (grid, grid):
+        if mask.shape[-2:] != (grid * patch_size, grid * patch_size):
+            raise ValueError(f"mask {tuple(mask.shape)} matches neither the {grid}x{grid} patch grid "
+                             f"nor its {grid * patch_size}^2 pixels")
+        mask = F.max_pool2d(mask.float().unsqueeze(1), patch_size, patch_size).squeeze(1)
+    foreground = (mask > 0).reshape(batch_size, grid * grid).to(dense_context.device)
+    feats, coords = [], []
+    for b in range(batch_size):
+        patch_index = torch.nonzero(foreground[b]).squeeze(1)
+        prefix = torch.tensor([[b, 0, 0, 1]] * NUM_PREFIX_TOKENS, dtype=torch.int32, device=dense_context.device)
+        patches = torch.stack([torch.full_like(patch_index, b), patch_index % grid, patch_index // grid,
+                               torch.zeros_like(patch_index)], dim=1).to(torch.int32)
+        feats.append(torch.cat([dense_context[b, :NUM_PREFIX_TOKENS], dense_context[b, NUM_PREFIX_TOKENS + patch_index]]))
+        coords.append(torch.cat([prefix, patches]))
+    return SparseVoxels(torch.cat(feats), torch.cat(coords))
