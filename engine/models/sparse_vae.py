@@ -201,31 +201,38 @@ class SparseSDFDecoder(SparseTransformerBase):
         return h.replace(torch.tanh(self.out_layer(h.feats)))
 
     def forward(self, latents: SparseVoxels, return_feat: bool = False, factor: float = 1.0,
-                chunked: bool | None = None, deduplicate: bool = False):
+                chunked: bool | None = None, deduplicate: bool = False, chunk_size: int | None = None):
         """Decode latents.
 
         `chunked=None` follows the official rule: chunked when chunk_size > 1 and in eval mode.
+        `chunk_size` overrides the configured number of chunks per axis (e.g. to decode the 512 stage
+        in pieces to save memory; use `deduplicate=True` then for an output equal to the unchunked one).
         Returns the SDF voxels, or (sdf, features before `out_layer`) with `return_feat` (also in the
         chunked path, where the official code ignores return_feat).
         """
+        chunk_size = self.chunk_size if chunk_size is None else chunk_size
         if chunked is None:
-            chunked = self.chunk_size > 1 and not self.training
+            chunked = chunk_size > 1 and not self.training
         h = self.run_trunk(latents, factor)
         if not chunked:
             for block in self.upsample:
                 h = block(h)
             sdf = self._head(h)
             return (sdf, h) if return_feat else sdf
-        return self._decode_chunks(h, return_feat, deduplicate)
+        return self._decode_chunks(h, return_feat, deduplicate, chunk_size)
 
-    def chunk_bounds(self) -> list[tuple[int, int]]:
-        """[start, end) latent range of each chunk along one axis."""
-        step = self.resolution // self.chunk_size
-        return [(i * step, (i + 1) * step) for i in range(self.chunk_size)]
+    def chunk_bounds(self, chunk_size: int | None = None) -> list[tuple[int, int]]:
+        """[start, end) latent range of each chunk along one axis: steps of resolution / chunk_size
+        (rounded up when it does not divide; the official configs divide)."""
+        chunk_size = self.chunk_size if chunk_size is None else chunk_size
+        step = -(-self.resolution // chunk_size)
+        return [(i * step, (i + 1) * step) for i in range(chunk_size)]
 
-    def _decode_chunks(self, h: SparseVoxels, return_feat: bool, deduplicate: bool):
+    def _decode_chunks(self, h: SparseVoxels, return_feat: bool, deduplicate: bool, chunk_size: int):
         coords = h.coords[:, 1:]
-        bounds = self.chunk_bounds()
+        bounds = self.chunk_bounds(chunk_size)
+        if h.num_voxels and (int(coords.max()) >= bounds[-1][1] or int(coords.min()) < 0):
+            raise ValueError(f"latent coordinates outside the decoder grid [0, {self.resolution})")
         # fine voxels kept per chunk: official [start*8, end*8 + 7) (duplicates), or [start*8, end*8)
         keep_extra = 0 if deduplicate else FINE_PER_LATENT - 1
         sdf_parts, feat_parts, coord_parts = [], [], []

@@ -95,7 +95,7 @@ def _attend_group(q: Tensor, k: Tensor, v: Tensor, out: Tensor, q_start: Tensor,
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k.shape[1]
     device = q.device
-    per_item = num_q_heads * pq * max(pk, head_dim) + 3 * pk * num_kv_heads * head_dim
+    per_item = num_q_heads * pq * max(pk, head_dim) + 3 * pk * num_q_heads * head_dim
     items_per_batch = max(1, _BATCH_ELEMENT_BUDGET // per_item)
     q_arange = torch.arange(pq, device=device)
     k_arange = torch.arange(pk, device=device)
@@ -115,7 +115,14 @@ def _attend_group(q: Tensor, k: Tensor, v: Tensor, out: Tensor, q_start: Tensor,
         kb = k[k_rows].permute(0, 2, 1, 3)                             # [S, Hkv, Pk, D]
         vb = v[k_rows].permute(0, 2, 1, 3)
         mask = k_valid[:, None, None, :] if needs_key_mask else None
-        ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        use_gqa = gqa
+        if gqa and q.is_cuda and mask is not None:
+            # fused CUDA kernels may not combine GQA with a mask; repeat the kv heads explicitly so
+            # SDPA can still pick the memory-efficient kernel instead of the score-materialising one
+            group = num_q_heads // num_kv_heads
+            kb, vb = kb.repeat_interleave(group, dim=1), vb.repeat_interleave(group, dim=1)
+            use_gqa = False
+        ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=use_gqa)
         ob = ob.permute(0, 2, 1, 3)                                    # [S, Pq, Hq, D]
         out[q_rows[q_valid]] = ob[q_valid]
 

@@ -27,7 +27,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor, nn
 
-from .tensor import SparseVoxels, linearize_coords
+from .tensor import SparseVoxels
 
 KERNEL_VOLUME = 27
 CENTER_OFFSET = 13  # (dx, dy, dz) = (0, 0, 0)
@@ -103,16 +103,20 @@ def torch_neighbour_pairs(voxels: SparseVoxels) -> list[tuple[Tensor, Tensor]]:
     empty = torch.empty(0, dtype=torch.long, device=device)
     pairs = [(empty, empty)] * KERNEL_VOLUME
     if n > 0:
-        # shift by +1 and use an extent of max+3 so that every neighbour key is a valid, distinct key
-        extent = max(voxels.spatial_extent()) + 2
-        shifted = coords.long()
-        shifted[:, 1:] += 1
-        keys = linearize_coords(shifted, extent)
+        # Mixed-radix key ((b*Ex + x)*Ey + y)*Ez + z over the voxels' bounding box grown by one voxel
+        # on each side, so every neighbour query is a valid key and distinct cells never collide.
+        xyz = coords[:, 1:].long()
+        low = xyz.amin(dim=0)
+        spans = (xyz.amax(dim=0) - low + 3).tolist()
+        local = xyz - low + 1
+        keys = ((coords[:, 0].long() * spans[0] + local[:, 0]) * spans[1] + local[:, 1]) * spans[2] + local[:, 2]
+        del xyz, local
         offsets = kernel_offsets(device)
-        key_steps = (offsets[:, 0] * extent * extent + offsets[:, 1] * extent + offsets[:, 2]).tolist()
+        key_steps = (offsets[:, 0] * spans[1] * spans[2] + offsets[:, 1] * spans[2] + offsets[:, 2]).tolist()
         rows = torch.arange(n, device=device)
-        num_cells = (int(coords[:, 0].max()) + 1) * extent ** 3
-        if num_cells <= max(_DENSE_TABLE_CELLS, 16 * n):
+        num_cells = (int(coords[:, 0].max()) + 1) * spans[0] * spans[1] * spans[2]
+        table_budget = _DENSE_TABLE_CELLS * (8 if device.type == "cuda" else 1)
+        if num_cells <= max(table_budget, 16 * n):
             # small grid: a dense key -> row table answers each lookup with one gather
             table = torch.full((num_cells,), -1, dtype=torch.int32, device=device)
             table[keys] = rows.to(torch.int32)
@@ -161,7 +165,7 @@ def _torch_submanifold_conv(voxels: SparseVoxels, kernel: Tensor, bias: Tensor |
 # ====================================================================== spconv backend
 def _spconv_handles(feats: Tensor) -> bool:
     if feats.device.type == "cuda":
-        return feats.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        return feats.dtype in (torch.float16, torch.float32)  # bf16 goes through the torch path
     # on CPU spconv runs its native gather-GEMM algorithm; only fp32 is used (and tested) there
     return feats.device.type == "cpu" and feats.dtype == torch.float32
 

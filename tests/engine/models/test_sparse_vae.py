@@ -143,6 +143,24 @@ def test_chunked_decoding_equals_unchunked_and_deduplicates():
     assert chunked.num_voxels > full_sdf.num_voxels
 
 
+def test_chunk_size_override_with_deduplication_equals_unchunked():
+    torch.manual_seed(3)
+    config = tiny_config(resolution=8, chunk_size=1)
+    decoder = SparseSDFDecoder(config).eval()
+    latents = ball_latents(8, 2.9, config.embed_dim, seed=5)
+    with torch.no_grad():
+        full, full_feat = decoder(latents, return_feat=True)  # chunk_size 1: unchunked
+        pieces, piece_feat = decoder(latents, return_feat=True, chunk_size=3, deduplicate=True)
+    assert decoder.chunk_bounds(3) == [(0, 3), (3, 6), (6, 9)]
+    a, b = canonical_order(full.coords), canonical_order(pieces.coords)
+    assert torch.equal(full.coords[a], pieces.coords[b])
+    torch.testing.assert_close(pieces.feats[b], full.feats[a], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(piece_feat.feats[b], full_feat.feats[a], rtol=1e-5, atol=1e-6)
+    outside = SparseVoxels(latents.feats[:1], torch.tensor([[0, 9, 0, 0]], dtype=torch.int32))
+    with pytest.raises(ValueError):
+        decoder(outside, chunk_size=3)
+
+
 def test_training_mode_decodes_unchunked():
     config = tiny_config(chunk_size=2)
     decoder = SparseSDFDecoder(config).train()

@@ -139,3 +139,29 @@ def test_backend_selection_rejects_unknown_names(backend_guard, monkeypatch):
     monkeypatch.setenv("D3D_SPARSE_CONV", "bogus")
     with pytest.raises(ValueError):
         get_conv_backend()
+
+
+def test_torch_backend_binary_search_path_matches_dense(backend_guard, monkeypatch):
+    """Large grids use binary search instead of the dense lookup table; force it on a small one."""
+    import engine.sparse.conv as conv_module
+    monkeypatch.setattr(conv_module, "_DENSE_TABLE_CELLS", 0)
+    set_conv_backend("torch")
+    v = random_voxels(9, num=20, channels=3, batch_size=2, seed=11)  # 16*n < cells -> binary search
+    assert 16 * v.num_voxels < 2 * 11 ** 3
+    conv = SparseConv3d(3, 4)
+    with torch.no_grad():
+        out = conv(v)
+    torch.testing.assert_close(out.feats.double(), dense_reference(v, conv, 9, 2), rtol=1e-5, atol=1e-5)
+
+
+def test_translated_voxels_give_the_same_result(backend_guard):
+    """Neighbour search works on the bounding box; far-away coordinates must not matter."""
+    set_conv_backend("torch")
+    v = random_voxels(6, num=80, channels=3, batch_size=1, seed=12)
+    moved = v.coords.clone()
+    moved[:, 1:] += torch.tensor([1000, 3, 517], dtype=torch.int32)
+    conv = SparseConv3d(3, 2)
+    with torch.no_grad():
+        a = conv(v).feats
+        b = conv(SparseVoxels(v.feats, moved)).feats
+    torch.testing.assert_close(a, b)
