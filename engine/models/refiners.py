@@ -578,8 +578,32 @@ class SignRefiner1024(nn.Module):
         makes logits down to about -4.9e-4 positive, as in the official run)."""
         return torch.sigmoid(logits) >= 0.5
 
+    @staticmethod
+    def pool_band(coords: Tensor, sdf: Tensor) -> tuple[Tensor, Tensor]:
+        """The official first step, ``SparseDownsample(2)`` of the decoded rows, quirks included.
+
+        The official pooling is ``scatter_reduce(zeros, ..., reduce="mean")`` with the default
+        ``include_self=True``, so the zero it starts from counts as one more sample:
+        value = sum(children) / (count + 1) (8 children -> sum / 9; checked bitwise against the
+        ``refiner1024_patch`` fixture). Every row counts, so a duplicated voxel weighs twice (chunked
+        decoding duplicates 7-voxel slabs). Sums in fp64, result in the input dtype. Returns int32
+        [M, 3] parent coordinates sorted by (x, y, z) and [M, 1] values.
+        """
+        xyz = _spatial_coords(coords).long()
+        values = sdf.reshape(xyz.shape[0], -1)
+        parents = xyz // 2
+        extent = int(parents.max()) + 1 if parents.numel() else 1
+        keys, inverse = torch.unique(_linear_keys(parents, extent), sorted=True, return_inverse=True)
+        sums = torch.zeros(keys.numel(), values.shape[1], dtype=torch.float64, device=values.device)
+        sums.index_add_(0, inverse, values.double())
+        counts = torch.bincount(inverse, minlength=keys.numel()).double()
+        pooled = (sums / (counts + 1)[:, None]).to(values.dtype)
+        pooled_xyz = torch.stack([keys // (extent * extent), (keys // extent) % extent, keys % extent], dim=1)
+        return pooled_xyz.to(torch.int32), pooled
+
     @torch.inference_mode()
-    def sign_grid(self, coords: Tensor, sdf: Tensor, *, resolution: int = 1024, patch_size: Optional[int] = None,
+    def sign_grid(self, coords: Tensor, sdf: Tensor, *, resolution: Optional[int] = None,
+                  patch_size: Optional[int] = None,
                   stride: Optional[int] = None, progress: Optional[Callable[[int, int], None]] = None) -> Tensor:
         """Bool sign grid [R/2]^3 (True = +1) from the decoded band at ``resolution`` (1024).
 
@@ -587,8 +611,7 @@ class SignRefiner1024(nn.Module):
         mean pool, as officially). Patches are densified from the pooled rows (background 1.0) and
         overwrite each other in loop order.
         """
-        from engine.sparse import SparseVoxels, sparse_downsample
-
+        resolution = resolution or 2 * self.config.volume_resolution
         half = resolution // 2
         patch_size = patch_size or self.config.patch_size
         stride = stride or self.config.patch_stride
@@ -596,13 +619,9 @@ class SignRefiner1024(nn.Module):
         dtype = self.compute_dtype
         origins = patch_origins(half, patch_size, stride)
 
-        xyz = _spatial_coords(coords).to(device)
-        rows = SparseVoxels(sdf.to(device).reshape(-1, 1),
-                            torch.cat([torch.zeros_like(xyz[:, :1]), xyz], dim=1).to(torch.int32))
-        pooled = sparse_downsample(rows, 2)
-        del rows
-        source = _PatchSource(pooled.coords[:, 1:], pooled.feats, half)
-        del pooled
+        pooled_xyz, pooled_sdf = self.pool_band(coords.to(device), sdf.to(device))
+        source = _PatchSource(pooled_xyz, pooled_sdf, half)
+        del pooled_xyz, pooled_sdf
         background = torch.ones(1, device=device)
 
         grid = torch.zeros((half,) * 3, dtype=torch.bool, device=device)
@@ -618,9 +637,10 @@ class SignRefiner1024(nn.Module):
                 progress(n + 1, len(boxes))
         return grid
 
-    def sign_field(self, coords: Tensor, sdf: Tensor, *, resolution: int = 1024, patch_size: Optional[int] = None,
+    def sign_field(self, coords: Tensor, sdf: Tensor, *, resolution: Optional[int] = None,
+                   patch_size: Optional[int] = None,
                    stride: Optional[int] = None, progress: Optional[Callable[[int, int], None]] = None) -> SignField:
         """:class:`SignField` of the decoded band and the predicted sign grid."""
         grid = self.sign_grid(coords, sdf, resolution=resolution, patch_size=patch_size, stride=stride,
                               progress=progress)
-        return SignField(coords, sdf, grid, resolution)
+        return SignField(coords, sdf, grid, 2 * grid.shape[0])
