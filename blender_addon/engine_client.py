@@ -350,12 +350,13 @@ class Job:
 
 STAGE_LABELS = {
     "load": "Loading models",
+    "preprocess": "Preparing the image",
     "condition": "Reading the image",
     "dense": "Coarse shape",
-    "sparse_512": "Detail 512",
-    "sparse_1024": "Detail 1024",
-    "refine": "Refining",
-    "mesh": "Extracting the mesh",
+    "sparse_512": "Detail (512)",
+    "refine_512": "Surface (512)",
+    "sparse_1024": "Detail (1024)",
+    "refine_1024": "Surface (1024)",
     "postprocess": "Cleaning the mesh",
 }
 

@@ -12,7 +12,7 @@ flag that the pipeline polls between sampler steps (its ``should_cancel`` callba
 
 Test seam: the environment variable ``D3D_WORKER_PIPELINE=module:factory`` replaces
 ``Direct3DS2Pipeline.from_pretrained`` by ``factory(weights_dir, device=, dtype=,
-memory_mode=)``. The module may also define ``GenerationSettings`` and
+memory_mode=)``; ``module`` may also be the path of a ``.py`` file. The module may also define ``GenerationSettings`` and
 ``GenerationCancelled``; otherwise those come from ``engine.pipeline``.
 """
 
@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -114,13 +116,21 @@ class PipelineApi:
 def load_pipeline_api() -> PipelineApi:
     seam = os.environ.get(PIPELINE_SEAM_ENV, "").strip()
     if seam:
-        module_name, _, factory_name = seam.partition(":")
+        module_name, _, factory_name = seam.rpartition(":")
         if not module_name or not factory_name:
             raise RequestError(
                 "bad_configuration",
                 f"{PIPELINE_SEAM_ENV} must look like 'package.module:factory', got {seam!r}",
             )
-        module = importlib.import_module(module_name)
+        if module_name.endswith(".py"):
+            spec = importlib.util.spec_from_file_location("d3d_worker_seam", module_name)
+            if spec is None or spec.loader is None:
+                raise RequestError("bad_configuration", f"cannot load {module_name}")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module  # dataclasses look their module up there
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
         factory = getattr(module, factory_name)
         settings_class = getattr(module, "GenerationSettings", None)
         cancelled_error = getattr(module, "GenerationCancelled", None)
@@ -232,45 +242,37 @@ def describe_torch() -> dict:
     return info
 
 
-def check_weights(weights_dir: str | None) -> dict:
-    """Report whether a weights folder holds a complete official release."""
-    report: dict[str, Any] = {"dir": weights_dir, "complete": False, "missing": [], "version": None}
-    if not weights_dir:
-        report["message"] = "no weights folder given"
-        return report
-    folder = Path(weights_dir)
-    if not folder.is_dir():
-        report["message"] = f"weights folder does not exist: {folder}"
+def check_weights(weights_dir: str | None, allow_download: bool = False) -> dict:
+    """Report whether the weights are complete, without touching the network.
+
+    With a folder: every official checkpoint file must be there, plus the DINOv2 image encoder
+    (in the folder or the Hugging Face cache). Without a folder: the release is looked up in the
+    Hugging Face cache, where a download would put it.
+    """
+    report: dict[str, Any] = {"dir": weights_dir, "complete": False, "missing": [], "version": None,
+                              "download_allowed": bool(allow_download)}
+    if weights_dir and not Path(weights_dir).is_dir():
         report["missing"] = list(OFFICIAL_WEIGHT_FILES)
+        report["message"] = f"weights folder does not exist: {weights_dir}"
         return report
     try:
         from engine import weights as engine_weights
-
-        checker = getattr(engine_weights, "check_weights", None)
-    except Exception:  # noqa: BLE001 - the worker still runs without the weights helper
-        checker = None
-    if checker is not None:
-        try:
-            outcome = checker(folder)
-            if isinstance(outcome, dict):
-                report.update(outcome)
-                report["dir"] = str(folder)
-                return report
-        except Exception as exc:  # noqa: BLE001
-            log.warning("engine.weights.check_weights failed: %s", exc)
-    candidates = [folder] + sorted(p for p in folder.iterdir() if p.is_dir())
-    best_missing = list(OFFICIAL_WEIGHT_FILES)
-    for candidate in candidates:
-        missing = [name for name in OFFICIAL_WEIGHT_FILES if not (candidate / name).is_file()]
-        if len(missing) < len(best_missing):
-            best_missing = missing
-            report["release_dir"] = str(candidate)
-            if "v-1-0" in candidate.name:
-                report["version"] = "v1.0"
-            elif "v-1-1" in candidate.name:
-                report["version"] = "v1.1"
-    report["missing"] = best_missing
-    report["complete"] = not best_missing
+    except Exception as exc:  # noqa: BLE001 - reported, the worker still answers
+        report["message"] = f"the engine's weights module could not be imported: {exc}"
+        return report
+    if weights_dir:
+        report["missing"] = engine_weights.missing_files(weights_dir)
+    try:
+        location = engine_weights.resolve_weights(weights_dir or None, offline=True, download=False)
+    except Exception as exc:  # noqa: BLE001 - WeightsError and friends carry the explanation
+        report["message"] = str(exc)
+        if allow_download and not weights_dir:
+            report["message"] += " (they will be downloaded on the first generation)"
+        return report
+    report["complete"] = True
+    report["dir"] = str(location.folder)
+    report["version"] = location.version
+    report["image_encoder"] = str(location.image_encoder) if location.image_encoder else None
     return report
 
 
@@ -300,6 +302,15 @@ def describe_failure(exc: BaseException) -> tuple[str, str]:
             "The GPU ran out of memory. Try memory mode 'sequential', resolution 512, or close "
             "other programs that use the GPU, then generate again.",
         )
+    if name == "WeightsError":
+        return (
+            "weights_missing",
+            f"{text} Choose a complete weights folder in the add-on preferences, or allow the download.",
+        )
+    if name == "GenerationError":
+        return "generation_failed", text
+    if name == "ImageError":
+        return "bad_image", f"The image cannot be used: {text}"
     if isinstance(exc, FileNotFoundError):
         return "file_not_found", f"A file is missing: {text}"
     if name == "UnidentifiedImageError":
@@ -373,7 +384,7 @@ class Worker:
             "device": self.options.device,
             "dtype": self.options.dtype,
             "memory_mode": self.options.memory_mode,
-            "weights": check_weights(self.options.weights),
+            "weights": check_weights(self.options.weights, self.options.allow_download),
         }
         fields.update(describe_torch())
         return fields
@@ -522,12 +533,14 @@ class Worker:
                     )
                 started = time.monotonic()
                 log.info("building the pipeline from %s on %s", weights, self.options.device)
-                self.pipeline = api.factory(
-                    weights,
-                    device=self.options.device,
-                    dtype=resolve_dtype(self.options.dtype),
-                    memory_mode=self.options.memory_mode,
-                )
+                keyword_arguments = {
+                    "device": self.options.device,
+                    "dtype": resolve_dtype(self.options.dtype),
+                    "memory_mode": self.options.memory_mode,
+                }
+                if "offline" in _parameters(api.factory):
+                    keyword_arguments["offline"] = not self.options.allow_download
+                self.pipeline = api.factory(weights or None, **keyword_arguments)
                 log.info("pipeline ready in %.1f s", time.monotonic() - started)
             return self.pipeline
 
@@ -607,7 +620,7 @@ class Worker:
             raise self.api.cancelled_error("cancelled after generation")
         files = write_mesh_files(result.mesh, job.output)
         stats = dict(getattr(result, "stats", {}) or {})
-        stats["seconds"] = round(time.monotonic() - started, 3)
+        stats["job_seconds"] = round(time.monotonic() - started, 3)
         self.jobs_done += 1
         return {
             "event": "result",
@@ -631,6 +644,13 @@ class Worker:
         log.info("worker stopped")
 
 
+def _parameters(function) -> set:
+    try:
+        return set(inspect.signature(function).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
 def resolve_dtype(name: str):
     import torch
 
@@ -648,6 +668,9 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda", help="torch device, e.g. cuda, cuda:1, cpu")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--memory-mode", default="resident", choices=["resident", "sequential"])
+    parser.add_argument("--allow-download", action="store_true",
+                        default=os.environ.get("D3D_ALLOW_DOWNLOAD") == "1",
+                        help="download missing weights (default: offline; or $D3D_ALLOW_DOWNLOAD=1)")
     parser.add_argument("--log-level", default="INFO")
     return parser.parse_args(argv)
 

@@ -50,8 +50,8 @@ def prepare_engine(folder: Path) -> EngineSetup:
         "fake",
         "",
         {
-            "PYTHONPATH": os.pathsep.join([str(REPO), str(ADDON_TESTS)]),
-            "D3D_WORKER_PIPELINE": "fake_pipeline:make_fake_pipeline",
+            "PYTHONPATH": str(REPO),
+            "D3D_WORKER_PIPELINE": f"{ADDON_TESTS / 'fake_pipeline.py'}:make_fake_pipeline",
             "D3D_FAKE_STEP_SECONDS": "0.05",
         },
     )

@@ -20,12 +20,20 @@ class GenerationCancelled(Exception):
 
 @dataclasses.dataclass
 class GenerationSettings:
+    # Same fields and defaults as engine.pipeline.GenerationSettings (team contract).
     resolution: int = 1024
     seed: int = 0
-    dense_steps: int = 4
+    dense_steps: int = 50
     dense_guidance: float = 7.0
+    sparse_512_steps: int = 30
+    sparse_512_guidance: float = 7.0
+    sparse_1024_steps: int = 15
+    sparse_1024_guidance: float = 7.0
     remove_interior: bool = True
     target_faces: int | None = None
+    keep_largest_components: int | None = None
+    min_component_faces: int = 0
+    smooth_iterations: int = 0
 
 
 @dataclasses.dataclass

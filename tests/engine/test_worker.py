@@ -182,7 +182,7 @@ def test_generate_streams_progress_and_writes_mesh_files(worker, engine_setup, t
     assert arrays["faces"].dtype == np.int32 and arrays["faces"].shape == (final["faces"], 3)
     if final["faces"]:
         assert arrays["faces"].max() < final["vertices"]
-    assert final["stats"]["seconds"] > 0
+    assert final["stats"]["job_seconds"] > 0
     assert final["settings"]["seed"] == 1
     # The models stay loaded: a second job does not load again.
     worker.send({"id": "job2", "cmd": "generate", "image": image_path,

@@ -1,0 +1,198 @@
+"""Scenarios run inside a Python that has the ``bpy`` wheel (one fresh process per call).
+
+Usage: ``<bpy python> bpy_scenarios.py <scenario> <config.json>``. The last stdout line is
+``RESULT: {...}`` with what the test asserts on. bpy state is global and cannot be reloaded, so
+every scenario starts from a new process with HOME pointing at a temporary folder.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+
+import bpy
+
+ADDON_ID = "direct3d_s2"
+MODULE = f"bl_ext.user_default.{ADDON_ID}"
+OPERATORS = ("generate", "cancel_generation", "import_last_result", "restart_engine", "check_engine")
+
+
+def install(zip_path: str) -> dict:
+    outcome = bpy.ops.extensions.package_install_files(
+        filepath=zip_path, repo="user_default", enable_on_install=True)
+    return {"install": sorted(outcome)}
+
+
+class RecordingLayout:
+    """Stands in for UILayout so a menu's draw() can be run without a window."""
+
+    def __init__(self):
+        self.entries = []
+
+    def operator(self, idname, **_):
+        self.entries.append(idname)
+
+    def menu(self, idname, **_):
+        self.entries.append(idname)
+
+    def separator(self, **_):
+        pass
+
+
+def record_layout(draw) -> list:
+    holder = type("Holder", (), {})()
+    holder.layout = RecordingLayout()
+    draw(holder, bpy.context)
+    return holder.layout.entries
+
+
+def registration_facts() -> dict:
+    import addon_utils
+
+    enabled = [module.__name__ for module in addon_utils.modules() if addon_utils.check(module.__name__)[1]]
+    ops = {name: hasattr(bpy.ops.d3d, name) and bpy.ops.d3d.__getattr__(name).idname() == f"D3D_OT_{name}"
+           for name in OPERATORS}
+    menu = getattr(bpy.types, "D3D_MT_image_to_3d", None)
+    menu_operators = record_layout(menu.draw) if menu is not None else []
+    # The hooks appended to View3D > Object: one of them must open our menu.
+    object_menu_entries = []
+    for hook in bpy.types.VIEW3D_MT_object._dyn_ui_initialize():
+        if getattr(hook, "__module__", "").startswith(MODULE):
+            object_menu_entries += record_layout(hook)
+    return {
+        "enabled": MODULE in enabled,
+        "operators": ops,
+        "panels": [name for name in ("D3D_PT_main", "D3D_PT_placement", "D3D_PT_advanced")
+                   if hasattr(bpy.types, name)],
+        "menu_operators": menu_operators,
+        "object_menu_entries": object_menu_entries,
+        "scene_settings": hasattr(bpy.context.scene, "d3d_settings"),
+        "preferences": MODULE in bpy.context.preferences.addons,
+        "torch_imported": "torch" in sys.modules,
+    }
+
+
+def scenario_install(config: dict) -> dict:
+    facts = install(config["zip"])
+    facts.update(registration_facts())
+    import addon_utils
+
+    addon_utils.disable(MODULE, default_set=True)
+    facts["after_disable_generate"] = hasattr(bpy.types, "D3D_OT_generate")
+    facts["after_disable_scene_settings"] = hasattr(bpy.types.Scene, "d3d_settings")
+    return facts
+
+
+def configure(config: dict) -> None:
+    import os
+
+    for key, value in config.get("env", {}).items():
+        os.environ[key] = value
+    prefs = bpy.context.preferences.addons[MODULE].preferences
+    prefs.engine_python = config["engine_python"]
+    prefs.engine_path = config["engine_path"]
+    prefs.weights_dir = config.get("weights", "")
+    prefs.device = "cpu"
+    prefs.dtype = "float32"
+
+
+def object_facts(obj) -> dict:
+    corners = [obj.matrix_world @ __import__("mathutils").Vector(c) for c in obj.bound_box]
+    low = [min(c[i] for c in corners) for i in range(3)]
+    high = [max(c[i] for c in corners) for i in range(3)]
+    return {
+        "name": obj.name,
+        "type": obj.type,
+        "faces": len(obj.data.polygons),
+        "vertices": len(obj.data.vertices),
+        "location": list(obj.location),
+        "low": low,
+        "high": high,
+        "source_image": obj.get("d3d_source_image"),
+        "settings": json.loads(obj.get("d3d_settings_json", "{}")),
+        "has_settings_group": "d3d_settings" in obj.keys(),
+        "quads": sum(1 for p in obj.data.polygons if p.loop_total == 4),
+        "smooth": all(p.use_smooth for p in obj.data.polygons[:50]),
+    }
+
+
+def run_generate(case: dict) -> dict:
+    scene = bpy.context.scene
+    settings = scene.d3d_settings
+    for key, value in case.get("scene_settings", {}).items():
+        setattr(settings, key, value)
+    scene.cursor.location = case.get("cursor", (0.0, 0.0, 0.0))
+    if case.get("packed_image"):
+        image = bpy.data.images.load(case["packed_image"])
+        image.pack()
+        settings.image_source = "DATABLOCK"
+        settings.image = image
+    if case.get("select"):
+        for obj in bpy.context.view_layer.objects:
+            obj.select_set(obj.name == case["select"])
+        bpy.context.view_layer.objects.active = bpy.data.objects[case["select"]]
+    before = set(bpy.data.objects.keys())
+    meshes_before = len(bpy.data.meshes)
+    error_raised = ""
+    try:
+        outcome = bpy.ops.d3d.generate("INVOKE_DEFAULT")
+    except RuntimeError as exc:  # an operator that reports an ERROR raises when called from Python
+        outcome, error_raised = {"CANCELLED"}, str(exc)
+    new = sorted(set(bpy.data.objects.keys()) - before)
+    facts = {"outcome": sorted(outcome), "new_objects": new, "meshes_delta": len(bpy.data.meshes) - meshes_before,
+             "error_raised": error_raised,
+             "last_error": bpy.context.window_manager.d3d_job.last_error}
+    if len(new) == 1:
+        facts["object"] = object_facts(bpy.data.objects[new[0]])
+    return facts
+
+
+def scenario_generate(config: dict) -> dict:
+    facts = install(config["zip"])
+    configure(config)
+    bpy.ops.mesh.primitive_cube_add(size=1.0, location=(5.0, 0.0, 1.0))
+    target = bpy.context.active_object
+    target.name = "FitTarget"
+    target.scale = (2.0, 1.0, 3.0)
+    bpy.context.view_layer.update()
+    facts["cases"] = [run_generate(case) for case in config["cases"]]
+    if config.get("import_again"):
+        before = set(bpy.data.objects.keys())
+        bpy.context.scene.d3d_settings.placement = "CURSOR"
+        bpy.context.scene.d3d_settings.height = 0.5
+        bpy.context.scene.d3d_settings.remesh = "NONE"
+        outcome = bpy.ops.d3d.import_last_result()
+        new = sorted(set(bpy.data.objects.keys()) - before)
+        facts["import_again"] = {"outcome": sorted(outcome), "new_objects": new,
+                                 "object": object_facts(bpy.data.objects[new[0]]) if len(new) == 1 else None}
+    check = bpy.ops.d3d.check_engine()
+    facts["check"] = {"outcome": sorted(check), "report": bpy.context.window_manager.d3d_job.engine_report}
+    facts["torch_imported"] = "torch" in sys.modules
+    from importlib import import_module
+
+    session = import_module(f"{MODULE}.session").session
+    client = session.client
+    facts["engine_running"] = bool(client and client.running)
+    session.stop()
+    facts["engine_exit_code"] = client.process.returncode if client else None
+    return facts
+
+
+SCENARIOS = {"install": scenario_install, "generate": scenario_generate}
+
+
+def main() -> int:
+    name, config_path = sys.argv[-2], sys.argv[-1]
+    with open(config_path, encoding="utf-8") as file:
+        config = json.load(file)
+    try:
+        facts = SCENARIOS[name](config)
+    except Exception:  # noqa: BLE001 - reported to the test
+        facts = {"exception": traceback.format_exc()}
+    print("RESULT: " + json.dumps(facts), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""The extension builds and validates, installs from its zip into a clean bpy, registers its
+operators, panels and menu, never imports torch, and unregisters cleanly."""
+
+from __future__ import annotations
+
+import tomllib
+import zipfile
+
+from bpy_harness import run_scenario
+from engine_setup import REPO
+
+OPERATORS = ("generate", "cancel_generation", "import_last_result", "restart_engine", "check_engine")
+
+
+def test_zip_has_manifest_and_sources_only(addon_zip):
+    with zipfile.ZipFile(addon_zip) as archive:
+        names = set(archive.namelist())
+        manifest = tomllib.loads(archive.read("blender_manifest.toml").decode())
+    assert {"blender_manifest.toml", "__init__.py", "engine_client.py", "mesh_import.py",
+            "operators.py", "preferences.py", "properties.py", "ui.py", "session.py"} <= names
+    assert not [name for name in names if "__pycache__" in name or name.endswith(".pyc")]
+    assert manifest["schema_version"] == "1.0.0"
+    assert manifest["blender_version_min"] == "4.2.0"
+    assert addon_zip.name == f"{manifest['id']}-{manifest['version']}.zip"
+
+
+def test_no_torch_import_anywhere_in_the_addon():
+    for source in (REPO / "blender_addon").glob("*.py"):
+        text = source.read_text()
+        assert "import torch" not in text and "from torch" not in text, source.name
+
+
+def test_installs_from_zip_registers_and_unregisters(bpy_python, addon_zip, tmp_path):
+    facts = run_scenario(bpy_python, "install", {"zip": str(addon_zip)}, tmp_path / "home")
+    assert facts["install"] == ["FINISHED"]
+    assert facts["enabled"] is True
+    assert facts["operators"] == {name: True for name in OPERATORS}
+    assert facts["panels"] == ["D3D_PT_main", "D3D_PT_placement", "D3D_PT_advanced"]
+    assert facts["menu_operators"] == [f"d3d.{name}" for name in OPERATORS]
+    assert facts["object_menu_entries"] == ["D3D_MT_image_to_3d"]
+    assert facts["scene_settings"] is True and facts["preferences"] is True
+    assert facts["torch_imported"] is False
+    assert facts["after_disable_generate"] is False
+    assert facts["after_disable_scene_settings"] is False
