@@ -8,7 +8,8 @@ fp32 whatever the input dtype, chunked over queries so that no `[heads, N, N]` m
 * `select_blocks`: the compressed-attention probabilities, summed over the query heads sharing a KV
   head and summed per 8^3 selection block, give each query's top-k selection blocks.
 * `selection_attention`: exact softmax attention of each query over the union of its selected
-  blocks' tokens (tokens are block-sorted, so a block is a contiguous row range).
+  blocks' tokens (tokens are block-sorted, so a block is a contiguous row range); computed per
+  selected block with an online softmax.
 
 They are the oracle for the Triton kernels in `engine.attention.triton`, which expose the same
 signatures. `SpatialSparseAttention` is the `self_attn` module of a sparse DiT block (official keys)
@@ -126,61 +127,59 @@ def select_blocks(q: Tensor, ck: Tensor, lse: Tensor, comp_block_ids: Tensor, nu
     return result
 
 
-def selection_attention(q: Tensor, k: Tensor, v: Tensor, block_topk: Tensor, block_offsets: Tensor,
-                        max_block_len: int | None = None) -> Tensor:
+def selection_attention(q: Tensor, k: Tensor, v: Tensor, block_topk: Tensor, block_offsets: Tensor) -> Tensor:
     """Softmax attention of each query over the tokens of its selected blocks.
 
     q [N, Hq, D]; k/v [N, Hkv, D] block-sorted; block_topk int [Hkv, N, topk] (-1 = unused slot);
     block_offsets int [num_blocks + 1]: block b holds rows block_offsets[b] .. block_offsets[b+1]-1.
     The query heads of KV group h all use the selection of row h. Returns [N, Hq, D] in q's dtype.
 
-    Computed slot by slot with an online softmax (exact up to fp32 rounding): each slot gathers one
-    block per (KV head, query), padded to the longest block and masked.
+    Computed block by block with an online softmax (exact up to fp32 rounding): for every (KV head,
+    block) the queries that selected it attend to the block's contiguous keys, and each query's
+    running max / sum / weighted values are updated. No key is copied per query.
     """
     _check_heads(q, k)
     n_tokens, hq, d = q.shape
     hkv = k.shape[1]
     group = hq // hkv
-    offsets = block_offsets.to(device=q.device, dtype=torch.long)
-    block_start = offsets[:-1]
-    block_len = offsets[1:] - offsets[:-1]
-    if max_block_len is None:
-        max_block_len = int(block_len.max()) if block_len.numel() else 1
-    within = torch.arange(max_block_len, device=q.device)
-    head_index = torch.arange(hkv, device=q.device).view(hkv, 1, 1)
-    keys, values = k.float(), v.float()
-    scale = 1.0 / math.sqrt(d)
-    out = q.new_empty(n_tokens, hq, d)
-    step = _query_chunk(hkv * max_block_len * (2 * d + group))
-    for start in range(0, n_tokens, step):
-        stop = min(start + step, n_tokens)
-        qg = _group_queries(q[start:stop], hkv).transpose(1, 2) * scale  # [Hkv, n, G, D]
-        selection = block_topk[:, start:stop].long()                     # [Hkv, n, topk]
-        run_max = qg.new_full(qg.shape[:3], float("-inf"))               # [Hkv, n, G]
-        run_sum = qg.new_zeros(qg.shape[:3])
-        acc = torch.zeros_like(qg)                                       # [Hkv, n, G, D]
-        for slot in range(selection.shape[-1]):
-            block = selection[..., slot]                                 # [Hkv, n]
-            used = block >= 0
-            block = block.clamp(min=0)
-            rows = block_start[block].unsqueeze(-1) + within             # [Hkv, n, L]
-            valid = (within < block_len[block].unsqueeze(-1)) & used.unsqueeze(-1)
-            rows = rows.clamp(max=n_tokens - 1)
-            slot_keys = keys[rows, head_index]                           # [Hkv, n, L, D]
-            slot_values = values[rows, head_index]
-            logits = qg @ slot_keys.transpose(-1, -2)                    # [Hkv, n, G, L]
-            logits = logits.masked_fill(~valid.unsqueeze(2), float("-inf"))
-            new_max = torch.maximum(run_max, logits.amax(dim=-1))
-            # rows that have seen no valid key yet keep max -inf; shift them by 0 instead
-            shift = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
-            rescale = torch.exp(run_max - shift)
-            probs = torch.exp(logits - shift.unsqueeze(-1))
-            run_sum = run_sum * rescale + probs.sum(dim=-1)
-            acc = acc * rescale.unsqueeze(-1) + probs @ slot_values
-            run_max = new_max
-        chunk_out = acc / run_sum.unsqueeze(-1)                          # [Hkv, n, G, D]
-        out[start:stop] = chunk_out.permute(1, 0, 2, 3).reshape(stop - start, hq, d).to(q.dtype)
-    return out
+    offsets = block_offsets.tolist()
+    num_blocks = len(offsets) - 1
+    queries = (q.float() * (1.0 / math.sqrt(d))).reshape(n_tokens, hkv, group, d)
+    run_max = q.new_full((hkv, n_tokens, group), float("-inf"), dtype=torch.float32)
+    run_sum = torch.zeros_like(run_max)
+    acc = q.new_zeros((hkv, n_tokens, group, d), dtype=torch.float32)
+
+    # (KV head, query) pairs sorted by (KV head, selected block): one contiguous run per block
+    selection = block_topk.long()
+    head_of, query_of, slot_of = torch.nonzero(selection >= 0, as_tuple=True)
+    group_key = head_of * num_blocks + selection[head_of, query_of, slot_of]
+    order = torch.argsort(group_key, stable=True)
+    query_sorted = query_of[order]
+    run_lengths = torch.bincount(group_key, minlength=hkv * num_blocks).tolist()
+
+    position = 0
+    for head in range(hkv):
+        keys, values = k[:, head].float(), v[:, head].float()
+        for block in range(num_blocks):
+            count = run_lengths[head * num_blocks + block]
+            if count == 0:
+                continue
+            block_keys = keys[offsets[block]:offsets[block + 1]]          # [L, D]
+            block_values = values[offsets[block]:offsets[block + 1]]
+            step = _query_chunk(group * (block_keys.shape[0] + d))
+            for first in range(position, position + count, step):
+                rows = query_sorted[first:min(first + step, position + count)]
+                logits = queries[rows, head] @ block_keys.T                   # [P, G, L]
+                old_max = run_max[head, rows]
+                new_max = torch.maximum(old_max, logits.amax(dim=-1))         # finite: blocks are non-empty
+                rescale = torch.exp(old_max - new_max)
+                probs = torch.exp(logits - new_max.unsqueeze(-1))
+                run_sum[head, rows] = run_sum[head, rows] * rescale + probs.sum(dim=-1)
+                acc[head, rows] = acc[head, rows] * rescale.unsqueeze(-1) + probs @ block_values
+                run_max[head, rows] = new_max
+            position += count
+    out = acc / run_sum.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(-1)   # [Hkv, N, G, D]
+    return out.permute(1, 0, 2, 3).reshape(n_tokens, hq, d).to(q.dtype)
 
 
 # ============================================================================ block bookkeeping
