@@ -41,16 +41,33 @@ def _round_up_length(lengths: Tensor) -> Tensor:
 
 
 @dataclass
+class PaddedGroup:
+    """Work items padded to common lengths (Pq, Pk); every index tensor already points at token rows."""
+
+    q_rows: Tensor             # int64 [S, Pq]: query row of each padded position (padding repeats a row)
+    k_rows: Tensor             # int64 [S, Pk]
+    q_valid: Tensor            # bool [S, Pq]: real (not padding) query positions
+    k_valid: Tensor | None     # bool [S, Pk], or None when no item needs key padding
+
+    @property
+    def num_items(self) -> int:
+        return self.q_rows.shape[0]
+
+
+@dataclass
 class AttentionPlan:
     """Work items of a varlen attention call grouped into padded batches."""
 
-    # each group: (q_start, q_len, k_start, k_len) as int64 tensors of equal length S, and the padded
-    # lengths (Pq, Pk) of the group
-    groups: list[tuple[Tensor, Tensor, Tensor, Tensor, int, int]] = field(default_factory=list)
+    groups: list[PaddedGroup] = field(default_factory=list)
 
 
-def build_attention_plan(cu_q: Tensor, cu_k: Tensor, max_query_piece: int | None = None) -> AttentionPlan:
-    """Group the (query segment, key segment) pairs given by cumulative offsets into padded batches."""
+def build_attention_plan(cu_q: Tensor, cu_k: Tensor, max_query_piece: int | None = None,
+                         row_map: Tensor | None = None) -> AttentionPlan:
+    """Group the (query segment, key segment) pairs given by cumulative offsets into padded batches.
+
+    With `row_map`, segment position i stands for token row row_map[i] (for queries and keys alike);
+    windows use it so that tokens never have to be copied into window order.
+    """
     if max_query_piece is None:
         max_query_piece = _MAX_QUERY_PIECE
     cu_q = cu_q.long()
@@ -79,48 +96,52 @@ def build_attention_plan(cu_q: Tensor, cu_k: Tensor, max_query_piece: int | None
     unique_keys, group_of_item = torch.unique(bucket_key, return_inverse=True)
     order = torch.argsort(group_of_item, stable=True)
     sizes = torch.bincount(group_of_item, minlength=unique_keys.numel()).tolist()
-    start = 0
+    first = 0
     for size in sizes:
-        items = order[start:start + size]
-        start += size
-        gq_len, gk_len = q_len[items], k_len[items]
-        plan.groups.append((q_start[items], gq_len, k_start[items], gk_len,
-                            int(gq_len.max()), int(gk_len.max())))
+        items = order[first:first + size]
+        first += size
+        plan.groups.append(_pad_items(q_start[items], q_len[items], k_start[items], k_len[items], row_map))
     return plan
 
 
-def _attend_group(q: Tensor, k: Tensor, v: Tensor, out: Tensor, q_start: Tensor, q_len: Tensor,
-                  k_start: Tensor, k_len: Tensor, pq: int, pk: int, scale: float | None,
-                  row_map: Tensor | None) -> None:
-    num_q_heads, head_dim = q.shape[1], q.shape[2]
-    num_kv_heads = k.shape[1]
-    device = q.device
-    per_item = num_q_heads * pq * max(pk, head_dim) + 3 * pk * num_q_heads * head_dim
-    items_per_batch = max(1, _BATCH_ELEMENT_BUDGET // per_item)
+def _pad_items(q_start: Tensor, q_len: Tensor, k_start: Tensor, k_len: Tensor,
+               row_map: Tensor | None) -> PaddedGroup:
+    device = q_start.device
+    pq, pk = int(q_len.max()), int(k_len.max())
     q_arange = torch.arange(pq, device=device)
     k_arange = torch.arange(pk, device=device)
+    q_valid = q_arange[None, :] < q_len[:, None]
+    k_valid = k_arange[None, :] < k_len[:, None]
+    # padded positions read the segment's first row (any valid row would do: results are dropped/masked)
+    q_rows = torch.where(q_valid, q_start[:, None] + q_arange[None, :], q_start[:, None])
+    k_rows = torch.where(k_valid, k_start[:, None] + k_arange[None, :], k_start[:, None])
+    if row_map is not None:
+        q_rows, k_rows = row_map[q_rows], row_map[k_rows]
     needs_key_mask = bool((k_len != pk).any())
+    return PaddedGroup(q_rows, k_rows, q_valid, k_valid if needs_key_mask else None)
+
+
+def _attend_group(q: Tensor, k: Tensor, v: Tensor, out: Tensor, group: PaddedGroup,
+                  scale: float | None) -> None:
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k.shape[1]
+    pq, pk = group.q_rows.shape[1], group.k_rows.shape[1]
+    per_item = num_q_heads * pq * max(pk, head_dim) + 3 * pk * num_q_heads * head_dim
+    items_per_batch = max(1, _BATCH_ELEMENT_BUDGET // per_item)
     gqa = num_q_heads != num_kv_heads
-    for first in range(0, q_start.numel(), items_per_batch):
+    for first in range(0, group.num_items, items_per_batch):
         sl = slice(first, first + items_per_batch)
-        qs, ql, ks, kl = q_start[sl], q_len[sl], k_start[sl], k_len[sl]
-        q_valid = q_arange[None, :] < ql[:, None]                      # [S, Pq]
-        k_valid = k_arange[None, :] < kl[:, None]                      # [S, Pk]
-        # padded positions read the segment's first row (any valid row would do; results are dropped/masked)
-        q_rows = torch.where(q_valid, qs[:, None] + q_arange[None, :], qs[:, None])
-        k_rows = torch.where(k_valid, ks[:, None] + k_arange[None, :], ks[:, None])
-        if row_map is not None:  # segment positions -> token rows
-            q_rows, k_rows = row_map[q_rows], row_map[k_rows]
+        q_rows, k_rows, q_valid = group.q_rows[sl], group.k_rows[sl], group.q_valid[sl]
         qb = q[q_rows].permute(0, 2, 1, 3)                             # [S, Hq, Pq, D]
         kb = k[k_rows].permute(0, 2, 1, 3)                             # [S, Hkv, Pk, D]
         vb = v[k_rows].permute(0, 2, 1, 3)
-        mask = k_valid[:, None, None, :] if needs_key_mask else None
+        mask = None if group.k_valid is None else group.k_valid[sl][:, None, None, :]
         use_gqa = gqa
         if gqa and q.is_cuda and mask is not None:
             # fused CUDA kernels may not combine GQA with a mask; repeat the kv heads explicitly so
             # SDPA can still pick the memory-efficient kernel instead of the score-materialising one
-            group = num_q_heads // num_kv_heads
-            kb, vb = kb.repeat_interleave(group, dim=1), vb.repeat_interleave(group, dim=1)
+            repeat = num_q_heads // num_kv_heads
+            kb, vb = kb.repeat_interleave(repeat, dim=1), vb.repeat_interleave(repeat, dim=1)
             use_gqa = False
         ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=use_gqa)
         ob = ob.permute(0, 2, 1, 3)                                    # [S, Pq, Hq, D]
@@ -128,13 +149,12 @@ def _attend_group(q: Tensor, k: Tensor, v: Tensor, out: Tensor, q_start: Tensor,
 
 
 def run_attention_plan(q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan,
-                       scale: float | None = None, row_map: Tensor | None = None) -> Tensor:
-    """Execute a plan. With `row_map`, segment position i refers to token row row_map[i]
-    (used for windows, so tokens need not be copied into window order); q and k share the map."""
+                       scale: float | None = None) -> Tensor:
+    """Execute a plan built by `build_attention_plan` (rows not covered by any segment get zeros)."""
     _check_heads(q, k, v)
     out = torch.zeros_like(q)
     for group in plan.groups:
-        _attend_group(q, k, v, out, *group, scale=scale, row_map=row_map)
+        _attend_group(q, k, v, out, group, scale=scale)
     return out
 
 
@@ -216,7 +236,7 @@ def window_partition(voxels: SparseVoxels | Tensor, window: int | tuple[int, int
         _, counts = torch.unique_consecutive(sorted_keys, return_counts=True)
         cu = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=device)
         cu[1:] = torch.cumsum(counts, 0)
-        partition = WindowPartition(order, cu, int(counts.max()), build_attention_plan(cu, cu))
+        partition = WindowPartition(order, cu, int(counts.max()), build_attention_plan(cu, cu, row_map=order))
     if cache is not None:
         cache[cache_key] = partition
     return partition
@@ -225,4 +245,4 @@ def window_partition(voxels: SparseVoxels | Tensor, window: int | tuple[int, int
 def windowed_attention(q: Tensor, k: Tensor, v: Tensor, partition: WindowPartition,
                        scale: float | None = None) -> Tensor:
     """Full attention inside each window. q [N, Hq, D], k/v [N, Hkv, D] in the voxels' row order."""
-    return run_attention_plan(q, k, v, partition.plan, scale=scale, row_map=partition.order)
+    return run_attention_plan(q, k, v, partition.plan, scale=scale)

@@ -10,10 +10,12 @@ exactly the input's voxels; missing neighbours contribute nothing.
 Backend seam: `submanifold_conv3x3x3(voxels, kernel, bias)` dispatches to
   * "spconv": `spconv.pytorch` SubMConv3d machinery, with the weight permuted to spconv's KRSC layout
     `[Cout, kx, ky, kz, Cin]`; its neighbour map ("indice pairs") is cached in `voxels.cache`;
-  * "torch": a pure-PyTorch gather/scatter over a neighbour map found by binary search in the sorted
-    linearised coordinates (also cached in `voxels.cache`), processed in bounded-size chunks.
+  * "torch": a pure-PyTorch gather / matmul / scatter-add per kernel offset over a neighbour map found
+    with a dense key table (small bounding boxes) or binary search in the sorted linearised keys (large
+    ones); the map is cached in `voxels.cache` and the gathers run in bounded-size chunks.
 Select with `set_conv_backend(...)` or the environment variable `D3D_SPARSE_CONV=auto|spconv|torch`.
-"auto" (the default) uses spconv for CUDA tensors when it is importable and torch otherwise. On CPU,
+"auto" (the default) uses spconv for CUDA tensors when a CUDA build of spconv is importable and torch
+otherwise. On CPU,
 spconv's native algorithm gives wrong rows now and then when torch runs several threads (seen with
 spconv 2.3.8), so a forced "spconv" on CPU runs single-threaded; CPU dtypes other than fp32 use torch.
 """
@@ -34,7 +36,8 @@ CENTER_OFFSET = 13  # (dx, dy, dz) = (0, 0, 0)
 
 # Rows of the gathered input processed at once by the torch backend (bounds temporary memory).
 _TORCH_CHUNK_ROWS = 1 << 20
-# Grids with at most this many cells (batch * extent^3) use a dense lookup table for neighbour search.
+# Bounding boxes with at most this many cells (x4 on CUDA, or 16 per voxel) use a dense lookup table
+# for the neighbour search; larger ones use binary search.
 _DENSE_TABLE_CELLS = 1 << 24
 
 _backend_override: str | None = None
@@ -115,7 +118,7 @@ def torch_neighbour_pairs(voxels: SparseVoxels) -> list[tuple[Tensor, Tensor]]:
         key_steps = (offsets[:, 0] * spans[1] * spans[2] + offsets[:, 1] * spans[2] + offsets[:, 2]).tolist()
         rows = torch.arange(n, device=device)
         num_cells = (int(coords[:, 0].max()) + 1) * spans[0] * spans[1] * spans[2]
-        table_budget = _DENSE_TABLE_CELLS * (8 if device.type == "cuda" else 1)
+        table_budget = _DENSE_TABLE_CELLS * (4 if device.type == "cuda" else 1)
         if num_cells <= max(table_budget, 16 * n):
             # small grid: a dense key -> row table answers each lookup with one gather
             table = torch.full((num_cells,), -1, dtype=torch.int32, device=device)
@@ -163,9 +166,18 @@ def _torch_submanifold_conv(voxels: SparseVoxels, kernel: Tensor, bias: Tensor |
 
 
 # ====================================================================== spconv backend
+@lru_cache(maxsize=None)
+def _spconv_has_cuda() -> bool:
+    from spconv.cppconstants import CPU_ONLY_BUILD
+    return not CPU_ONLY_BUILD
+
+
 def _spconv_handles(feats: Tensor) -> bool:
+    if not spconv_available():
+        return False
     if feats.device.type == "cuda":
-        return feats.dtype in (torch.float16, torch.float32)  # bf16 goes through the torch path
+        # a CPU-only spconv build cannot run CUDA tensors; bf16 goes through the torch path
+        return _spconv_has_cuda() and feats.dtype in (torch.float16, torch.float32)
     # on CPU spconv runs its native gather-GEMM algorithm; only fp32 is used (and tested) there
     return feats.device.type == "cpu" and feats.dtype == torch.float32
 
@@ -193,11 +205,10 @@ def spconv_weight(kernel: Tensor) -> Tensor:
 def _spconv_submanifold_conv(voxels: SparseVoxels, kernel: Tensor, bias: Tensor | None,
                              weight: Tensor) -> Tensor:
     import spconv.pytorch as spconv
-    from spconv.cppconstants import CPU_ONLY_BUILD
 
     feats = voxels.feats
     training = torch.is_grad_enabled() and (feats.requires_grad or weight.requires_grad)
-    native = CPU_ONLY_BUILD or feats.device.type != "cuda"
+    native = not feats.is_cuda
     state_key = ("spconv_indices", native, training)
     indice_dict = voxels.cache.get(state_key)
     if indice_dict is None:
@@ -234,7 +245,7 @@ def submanifold_conv3x3x3(voxels: SparseVoxels, kernel: Tensor, bias: Tensor | N
     if resolve_conv_backend(voxels.feats, backend) == "spconv":
         dtype = voxels.feats.dtype
         if spconv_weight_cache is not None and not (torch.is_grad_enabled() and kernel.requires_grad):
-            key = (voxels.device, dtype)
+            key = (voxels.device, dtype, torch.is_inference_mode_enabled())
             cached = spconv_weight_cache.get(key)
             stamp = (kernel._version, kernel.data_ptr())
             if cached is None or cached[0] != stamp:

@@ -69,7 +69,7 @@ def test_varlen_attention_cross_segments_with_query_splitting(monkeypatch):
     k = torch.randn(sum(k_lens), 3, 8, generator=gen)
     v = torch.randn(sum(k_lens), 3, 8, generator=gen)
     plan = attention_module.build_attention_plan(cu_q, cu_k, max_query_piece=5)
-    assert sum(g[0].numel() for g in plan.groups) == 3 + 8  # 12 -> 3 pieces, 40 -> 8 pieces
+    assert sum(g.num_items for g in plan.groups) == 3 + 8  # 12 -> 3 pieces, 40 -> 8 pieces
     out = varlen_attention(q, k, v, cu_q, cu_k, max(q_lens), max(k_lens))
     for i in range(4):
         qs, ks = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
