@@ -132,6 +132,25 @@ class Upsample3D(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(x)
 
+    def upsample_and_join(self, x: Tensor, skip: Tensor, slab_elements: int = 1 << 26) -> Tensor:
+        """``cat([conv(x), skip], 1)`` written into one buffer, without a separate upsampled tensor.
+
+        A k2 s2 transposed conv maps each input voxel to its own 2x2x2 output block, so x-slabs of the
+        input give exactly the matching output slabs.
+        """
+        batch, channels = x.shape[:2]
+        out_channels = self.conv.out_channels
+        out_size = [2 * s for s in x.shape[2:]]
+        if list(skip.shape[2:]) != out_size:
+            raise ValueError(f"skip of size {tuple(skip.shape[2:])} does not match the upsampled {out_size}")
+        joined = x.new_empty(batch, out_channels + skip.shape[1], *out_size)
+        per_slice = batch * out_channels * 2 * out_size[1] * out_size[2]
+        step = max(1, slab_elements // per_slice)
+        for x0 in range(0, x.shape[2], step):
+            joined[:, :out_channels, 2 * x0:2 * (x0 + step)] = self.conv(x[:, :, x0:x0 + step])
+        joined[:, out_channels:] = skip
+        return joined
+
 
 class DownBlock3D(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, downsample: bool,
@@ -218,14 +237,21 @@ class UNet3D(nn.Module):
                 skips.append(h)
         for resnet in self.mid_block.resnets:
             h = resnet(h)
+        pending_upsample = None  # the previous block's upsampler, fused into the next concatenation
         for block in self.up_blocks:
             for resnet in block.resnets:
-                joined = torch.cat([h, skips.pop()], dim=1)
+                if pending_upsample is not None:
+                    joined = pending_upsample.upsample_and_join(h, skips.pop())
+                    pending_upsample = None
+                else:
+                    joined = torch.cat([h, skips.pop()], dim=1)
                 del h
                 h = resnet(joined, consume_input=True)
                 del joined
             if block.upsamplers is not None:
-                h = block.upsamplers[0](h)
+                pending_upsample = block.upsamplers[0]
+        if pending_upsample is not None:
+            h = pending_upsample(h)
         return self.conv_norm_out(h, silu=True, inplace=True)
 
 
@@ -238,11 +264,11 @@ def adaptive_filter(x: Tensor, raw_weights: Tensor, iterations: int = 3) -> Tens
     ``raw_weights`` [B, 27, D, H, W] is L1-normalised over its 27 channels; tap ``9i + 3j + k`` weighs
     the neighbour at offset (i-1, j-1, k-1) along (D, H, W), with zeros outside the volume. The sum
     of 27 shifted views (no unfold) accumulates in fp32; each iteration's result is rounded to the
-    input dtype as the official low-precision evaluation does.
+    input dtype as the official low-precision evaluation does. ``raw_weights`` is normalised in place.
     """
     dims = x.shape[2:]
-    norm = raw_weights.float().abs().sum(1, keepdim=True).clamp_min(1e-12)
-    taps = (raw_weights.float() / norm).to(x.dtype)
+    norm = torch.linalg.vector_norm(raw_weights, ord=1, dim=1, keepdim=True, dtype=torch.float32)
+    taps = raw_weights.div_(norm.clamp_min_(1e-12)).to(x.dtype)  # in place: no fp32 copy of 27 channels
     del norm
     for _ in range(iterations):
         padded = F.pad(x, (1, 1, 1, 1, 1, 1))

@@ -149,6 +149,17 @@ def test_adaptive_filter_matches_unfold_definition():
     torch.testing.assert_close(adaptive_filter(x.float(), raw.float()).double(), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_fused_upsample_concatenation_equals_cat():
+    gen = torch.Generator().manual_seed(7)
+    unet = UNet3D(4, (8, 12, 16))
+    up = unet.up_blocks[0].upsamplers[0]
+    x, skip = torch.randn(1, 16, 5, 3, 4, generator=gen), torch.randn(1, 12, 10, 6, 8, generator=gen)
+    with torch.no_grad():
+        expected = torch.cat([up(x), skip], 1)
+        fused = up.upsample_and_join(x, skip, slab_elements=16 * 2 * 6 * 8 * 2)  # 2 input slices per step
+    assert torch.equal(fused, expected)
+
+
 def test_unet3d_layout_and_size_check():
     unet = UNet3D(16, TINY_WIDTHS)
     in_widths = [r.norm1.num_channels for b in unet.up_blocks for r in b.resnets]
