@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine.configs import SparseVAEConfig
-from engine.models import build
+from engine.models import build, cast_compute_layers
 from engine.models.sparse_vae import SparseSDFDecoder, SparseSDFEncoder, SparseSDFVAE
 from engine.sparse import SparseVoxels, linearize_coords
 
@@ -79,8 +79,9 @@ def test_full_size_keys_shapes_and_dtypes_match_manifest(manifest_dir, manifest_
 
 
 # ---------------------------------------------------------------------------------------- parity
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("fixture_name", ["sparse_vae_decoder.pt", "sparse_vae_decoder_chunked.pt"])
-def test_decoder_matches_official_fixture(parity_fixture, fixture_name):
+def test_decoder_matches_official_fixture(parity_fixture, fixture_name, dtype):
     fx = parity_fixture(fixture_name)
     config = decoder_config(fx["constructor_params"])
     vae = SparseSDFVAE(dataclasses.replace(config, model_channels_encoder=512)).eval()
@@ -88,13 +89,15 @@ def test_decoder_matches_official_fixture(parity_fixture, fixture_name):
     missing, unexpected = vae.load_state_dict({f"decoder.{k}": v for k, v in fx["state_dict"].items()},
                                               strict=False)
     assert not unexpected and all(k.startswith("encoder.") for k in missing)
-    decoder = SparseSDFDecoder(config).eval()
+    # fp16: compute layers in fp16 as the official use_fp16 (the fixture's own dtype); fp32 also passes
+    decoder = cast_compute_layers(SparseSDFDecoder(config).eval(), dtype)
     decoder.load_state_dict(fx["state_dict"], strict=True)
 
-    latents = SparseVoxels(fx["inputs"]["latents"].float(), fx["inputs"]["coords"])
+    latents = SparseVoxels(fx["inputs"]["latents"].to(dtype), fx["inputs"]["coords"])
     with torch.no_grad():
         result = decoder(latents, return_feat=True)  # chunked per config.chunk_size, as official eval
     sdf, feat = result
+    assert sdf.dtype == dtype
     order = canonical_order(sdf.coords)
     assert sdf.num_voxels == fx["intermediates"]["num_rows"]
     assert torch.equal(sdf.coords[order], fx["outputs"]["coords"])
