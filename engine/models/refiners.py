@@ -30,6 +30,13 @@ from engine.configs import RefinerConfig
 _NORM_CHUNK_ELEMENTS = 1 << 24
 
 
+def _memory_format_of(x: Tensor) -> torch.memory_format:
+    """channels_last_3d when ``x`` is laid out that way (and not also plain contiguous), else contiguous."""
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
 # ----------------------------------------------------------------------------------------------------
 # Group norm in fp32 without a full fp32 copy of the activation
 # ----------------------------------------------------------------------------------------------------
@@ -143,7 +150,8 @@ class Upsample3D(nn.Module):
         out_size = [2 * s for s in x.shape[2:]]
         if list(skip.shape[2:]) != out_size:
             raise ValueError(f"skip of size {tuple(skip.shape[2:])} does not match the upsampled {out_size}")
-        joined = x.new_empty(batch, out_channels + skip.shape[1], *out_size)
+        joined = torch.empty(batch, out_channels + skip.shape[1], *out_size, dtype=x.dtype, device=x.device,
+                             memory_format=_memory_format_of(x))
         per_slice = batch * out_channels * 2 * out_size[1] * out_size[2]
         step = max(1, slab_elements // per_slice)
         for x0 in range(0, x.shape[2], step):
@@ -272,7 +280,7 @@ def adaptive_filter(x: Tensor, raw_weights: Tensor, iterations: int = 3) -> Tens
     del norm
     for _ in range(iterations):
         padded = F.pad(x, (1, 1, 1, 1, 1, 1))
-        acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        acc = torch.zeros_like(x, dtype=torch.float32, memory_format=_memory_format_of(x))
         for tap, (i, j, k) in enumerate(itertools.product(range(3), repeat=3)):
             shifted = padded[:, :, i:i + dims[0], j:j + dims[1], k:k + dims[2]]
             acc.addcmul_(shifted, taps[:, tap:tap + 1])
