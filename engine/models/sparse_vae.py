@@ -103,7 +103,10 @@ class SparseTransformerBase(nn.Module):
     def run_trunk(self, x: SparseVoxels, factor: float = 1.0) -> SparseVoxels:
         h = self.input_layer(x.feats.to(self.compute_dtype))
         # APE is fp32; the sum is rounded to the compute dtype once (as the official code does)
-        ape = absolute_position_embedding(x.coords[:, 1:].float() * factor, self.channels)
+        if x.num_voxels:
+            ape = absolute_position_embedding(x.coords[:, 1:].float() * factor, self.channels)
+        else:  # (the shared helper cannot reshape an empty position list)
+            ape = h.new_zeros(0, self.channels, dtype=torch.float32)
         h = x.replace((h.float() + ape).to(self.compute_dtype))
         for block in self.blocks:
             h = block(h)
@@ -228,44 +231,62 @@ class SparseSDFDecoder(SparseTransformerBase):
         step = -(-self.resolution // chunk_size)
         return [(i * step, (i + 1) * step) for i in range(chunk_size)]
 
-    def _decode_chunks(self, h: SparseVoxels, return_feat: bool, deduplicate: bool, chunk_size: int):
-        coords = h.coords[:, 1:]
+    def _chunk_boxes(self, chunk_size: int, device: torch.device):
+        """(lo, hi) latent corners of every chunk, in the official loop order i, j, k (z fastest)."""
         bounds = self.chunk_bounds(chunk_size)
-        if h.num_voxels and (int(coords.max()) >= bounds[-1][1] or int(coords.min()) < 0):
-            raise ValueError(f"latent coordinates outside the decoder grid [0, {self.resolution})")
-        # fine voxels kept per chunk: official [start*8, end*8 + 7) (duplicates), or [start*8, end*8)
-        keep_extra = 0 if deduplicate else FINE_PER_LATENT - 1
-        sdf_parts, feat_parts, coord_parts = [], [], []
         for bx in bounds:
             for by in bounds:
                 for bz in bounds:
-                    lo = torch.tensor([bx[0], by[0], bz[0]], device=coords.device)
-                    hi = torch.tensor([bx[1], by[1], bz[1]], device=coords.device)
-                    in_halo = ((coords >= lo - self.chunk_halo) & (coords < hi + self.chunk_halo)).all(dim=1)
-                    rows = in_halo.nonzero().squeeze(1)
-                    if rows.numel() == 0:
-                        continue
-                    chunk = SparseVoxels(h.feats[rows], h.coords[rows])
-                    for block in self.upsample:
-                        chunk = block(chunk)
-                    fine = chunk.coords[:, 1:]
-                    keep = ((fine >= lo * FINE_PER_LATENT)
-                            & (fine < hi * FINE_PER_LATENT + keep_extra)).all(dim=1)
-                    kept = keep.nonzero().squeeze(1)
-                    feats = chunk.feats[kept]
-                    coord_parts.append(chunk.coords[kept])
-                    sdf_parts.append(torch.tanh(self.out_layer(feats)))
-                    if return_feat:
-                        feat_parts.append(feats)
-                    del chunk, fine, keep, kept, feats  # free this chunk's fine-level tensors now
-        if not coord_parts:  # no tokens at all
-            empty = h.feats.new_zeros(0, self.out_layer.out_features)
-            coord_parts, sdf_parts = [h.coords[:0]], [empty]
-            feat_parts = [h.feats.new_zeros(0, self.out_layer.in_features)]
-        coords_out = torch.cat(coord_parts)
-        sdf = SparseVoxels(torch.cat(sdf_parts), coords_out)
+                    yield (torch.tensor([bx[0], by[0], bz[0]], device=device),
+                           torch.tensor([bx[1], by[1], bz[1]], device=device))
+
+    def _decode_chunks(self, h: SparseVoxels, return_feat: bool, deduplicate: bool, chunk_size: int):
+        coords = h.coords[:, 1:].long()
+        device = coords.device
+        end = self.chunk_bounds(chunk_size)[-1][1]
+        if h.num_voxels and (int(coords.max()) >= end or int(coords.min()) < 0):
+            raise ValueError(f"latent coordinates outside the decoder grid [0, {self.resolution})")
+        # fine voxels kept per chunk: official [start*8, end*8 + 7) (duplicates), or [start*8, end*8)
+        keep_extra = 0 if deduplicate else FINE_PER_LATENT - 1
+
+        # Every latent voxel has all 8^3 fine descendants, so the rows each chunk keeps can be counted
+        # from the latent coordinates alone; the outputs are allocated once and filled chunk by chunk
+        # (no concatenation peak).
+        counts = []
+        for lo, hi in self._chunk_boxes(chunk_size, device):
+            first = torch.maximum(coords * FINE_PER_LATENT, lo * FINE_PER_LATENT)
+            last = torch.minimum(coords * FINE_PER_LATENT + FINE_PER_LATENT, hi * FINE_PER_LATENT + keep_extra)
+            counts.append(int((last - first).clamp(min=0).prod(dim=1).sum()))
+        total = sum(counts)
+        dtype = h.feats.dtype
+        sdf_out = h.feats.new_empty(total, self.out_layer.out_features)
+        coords_out = h.coords.new_empty(total, 4)
+        feat_out = h.feats.new_empty(total, self.out_layer.in_features) if return_feat else None
+
+        row = 0
+        for (lo, hi), count in zip(self._chunk_boxes(chunk_size, device), counts):
+            if count == 0:
+                continue
+            in_halo = ((coords >= lo - self.chunk_halo) & (coords < hi + self.chunk_halo)).all(dim=1)
+            rows = in_halo.nonzero().squeeze(1)
+            chunk = SparseVoxels(h.feats[rows], h.coords[rows])
+            for block in self.upsample:
+                chunk = block(chunk)
+            fine = chunk.coords[:, 1:]
+            keep = ((fine >= lo * FINE_PER_LATENT) & (fine < hi * FINE_PER_LATENT + keep_extra)).all(dim=1)
+            kept = keep.nonzero().squeeze(1)
+            if kept.numel() != count:
+                raise RuntimeError(f"chunk kept {kept.numel()} fine voxels, expected {count}")
+            feats = chunk.feats[kept]
+            coords_out[row:row + count] = chunk.coords[kept]
+            sdf_out[row:row + count] = torch.tanh(self.out_layer(feats)).to(dtype)
+            if feat_out is not None:
+                feat_out[row:row + count] = feats
+            row += count
+            del chunk, fine, keep, kept, feats  # free this chunk's fine-level tensors now
+        sdf = SparseVoxels(sdf_out, coords_out)
         if return_feat:
-            return sdf, sdf.replace(torch.cat(feat_parts))
+            return sdf, sdf.replace(feat_out)
         return sdf
 
 

@@ -164,6 +164,17 @@ def test_chunk_size_override_with_deduplication_equals_unchunked():
         decoder(outside, chunk_size=3)
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+def test_decoding_no_tokens_gives_empty_outputs(chunked):
+    config = tiny_config()
+    decoder = SparseSDFDecoder(config).eval()
+    empty = SparseVoxels(torch.zeros(0, config.embed_dim), torch.zeros(0, 4, dtype=torch.int32))
+    with torch.no_grad():
+        sdf, feat = decoder(empty, return_feat=True, chunked=chunked)
+    assert sdf.feats.shape == (0, 1) and sdf.coords.shape == (0, 4)
+    assert feat.feats.shape == (0, config.model_channels_decoder // 16)
+
+
 def test_training_mode_decodes_unchunked():
     config = tiny_config(chunk_size=2)
     decoder = SparseSDFDecoder(config).train()
