@@ -520,13 +520,15 @@ class SignField:
         self.sign_grid = sign_grid
         xyz = _spatial_coords(coords).to(sign_grid.device)
         values = sdf.reshape(-1).to(sign_grid.device)
+        # only sorted linear keys and values are kept (8 + 4 bytes per decoded voxel)
         self.band_keys, rows = last_occurrence_unique(_linear_keys(xyz, resolution))
-        self.band_xyz = xyz[rows].long()
         self.band_values = values[rows].float()
 
     def band_points(self) -> tuple[Tensor, Tensor]:
-        """The decoded voxels, deduplicated: (points int64 [M, 3], values fp32 [M])."""
-        return self.band_xyz, self.band_values
+        """The decoded voxels, deduplicated and sorted by (x, y, z): (points int64 [M, 3], values fp32 [M])."""
+        r = self.resolution
+        keys = self.band_keys
+        return torch.stack([keys // (r * r), (keys // r) % r, keys % r], dim=1), self.band_values
 
     def sign_values_at(self, points: Tensor) -> Tensor:
         """``+1 / -1`` (fp32) of the sign grid at 1024^3 points [K, 3]."""
