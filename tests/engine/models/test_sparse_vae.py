@@ -101,6 +101,10 @@ def test_decoder_matches_official_fixture(parity_fixture, fixture_name, dtype):
     order = canonical_order(sdf.coords)
     assert sdf.num_voxels == fx["intermediates"]["num_rows"]
     assert torch.equal(sdf.coords[order], fx["outputs"]["coords"])
+    # we emit the official row order too (tokens in input order, each followed by its children; chunks
+    # in loop order i, j, k), so the fixture's official-row map applies to our rows unchanged
+    official_rows = fx["outputs"]["canonical_from_official"].long()
+    assert torch.equal(sdf.coords[official_rows], fx["outputs"]["coords"])
     outputs = {"sdf": sdf.feats[order], "feat": feat.feats[order]}
     for name, rule in fx["compare"].items():
         if rule == "tolerance" and name in fx["outputs"]:
