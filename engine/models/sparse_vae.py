@@ -164,8 +164,9 @@ class SparseSDFEncoder(SparseTransformerBase):
 
     def __init__(self, config: SparseVAEConfig, norm_groups: int = ENCODER_NORM_GROUPS):
         channels = config.model_channels_encoder
-        super().__init__(channels, channels, config.num_blocks_encoder, config.num_heads_encoder,
-                         config.window_size, config.mlp_ratio)
+        heads = config.num_heads_encoder or channels // config.num_head_channels_encoder
+        super().__init__(channels, channels, config.num_blocks_encoder, heads, config.window_size,
+                         config.mlp_ratio)
         widths = [channels // 16, channels // 8, channels // 4, channels]
         self.input_layer1 = nn.Linear(1, widths[0])
         self.downsample = nn.ModuleList(
@@ -190,8 +191,9 @@ class SparseSDFDecoder(SparseTransformerBase):
 
     def __init__(self, config: SparseVAEConfig, chunk_halo: int = CHUNK_HALO):
         channels = config.model_channels_decoder
-        super().__init__(config.embed_dim, channels, config.num_blocks_decoder, config.num_heads_decoder,
-                         config.window_size, config.mlp_ratio)
+        heads = config.num_heads_decoder or channels // config.num_head_channels_decoder
+        super().__init__(config.embed_dim, channels, config.num_blocks_decoder, heads, config.window_size,
+                         config.mlp_ratio)
         self.resolution = config.resolution
         self.chunk_size = config.chunk_size
         self.chunk_halo = chunk_halo
