@@ -377,3 +377,29 @@ def test_sign_field_rejects_bad_inputs():
     assert field.values_at(torch.tensor([[1, 2, 3], [0, 0, 0]])).tolist() == [0.25, -1.0]
     with pytest.raises(ValueError):
         field.values_at(torch.tensor([[8, 0, 0]]))
+
+
+def _triangle_set(vertices, faces):
+    """Faces as sets of rounded vertex positions (independent of vertex numbering and face order)."""
+    corners = (vertices[faces] * 1e4).round().long().tolist()
+    return sorted(tuple(sorted(map(tuple, triangle))) for triangle in corners)
+
+
+def test_sign_field_gives_the_mesh_of_the_dense_official_volume():
+    from engine.mesh.marching_cubes import dense_marching_cubes, sparse_marching_cubes
+
+    gen = torch.Generator().manual_seed(8)
+    resolution, patch, stride = 24, 8, 2
+    xyz, sdf = _ellipsoid_band(resolution, 1.5, gen)
+    model = _calibrated_sign_refiner(xyz, sdf, resolution, patch, stride)
+    field = model.sign_field(xyz, sdf, resolution=resolution, patch_size=patch, stride=stride)
+    with torch.inference_mode():
+        ref_field, _, _ = _official_sign_volume(model, xyz, sdf, resolution, patch, stride)
+    dense_vertices, dense_faces = dense_marching_cubes(ref_field, 0.2)
+    points, values = field.band_points()
+    vertices, faces = sparse_marching_cubes(points, values, 0.2, resolution, background=field,
+                                            candidate_cells=field.sign_change_cells())
+    assert faces.shape[0] > 0 and _triangle_set(vertices, faces) == _triangle_set(dense_vertices, dense_faces)
+    # without the sign-change cells the band alone misses the sign field's surfaces
+    _, band_only_faces = sparse_marching_cubes(points, values, 0.2, resolution, background=field)
+    assert band_only_faces.shape[0] < faces.shape[0]
