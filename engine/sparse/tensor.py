@@ -76,6 +76,9 @@ class SparseVoxels:
         """Row range of each batch element (rows are grouped by batch)."""
         slices = self.cache.get("batch_slices")
         if slices is None:
+            batch = self.coords[:, 0]
+            if batch.numel() > 1 and not bool((batch[1:] >= batch[:-1]).all()):
+                raise ValueError("SparseVoxels rows must be grouped by batch index in increasing order")
             slices, start = [], 0
             for count in self.batch_counts():
                 slices.append(slice(start, start + count))

@@ -17,6 +17,9 @@ def test_voxels_replace_shares_cache_and_batch_slices():
     assert v.spatial_extent() == [6, 6, 6]
     with pytest.raises(ValueError):
         v.replace(torch.zeros(4, 2))
+    shuffled = SparseVoxels(torch.randn(3, 2), coords[[2, 0, 1]])
+    with pytest.raises(ValueError):
+        shuffled.batch_slices()
 
 
 def test_downsample_is_mean_with_duplicates_counted_and_sorted_output():
