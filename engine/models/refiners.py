@@ -475,22 +475,23 @@ class Refiner512(nn.Module):
         weights = blend_weights(resolution, patch_size, stride, device=device)
 
         xyz = _spatial_coords(coords).to(device)
-        # MLP on the sparse rows once; the background's MLP output fills the rest of each patch
+        # MLP on the sparse rows once; the background's MLP output fills the rest of each patch.
+        # One source holds [sdf, 8 latent channels] per row, so each patch is densified in one pass.
         latent_rows = self.embed_features(feats.to(device).reshape(xyz.shape[0], -1))
-        latent_background = self.embed_features(torch.zeros(1, feats.shape[-1], device=device))[0]
-        sdf_source = _PatchSource(xyz, sdf.to(device).reshape(-1, 1), resolution)
-        latent_source = _PatchSource(xyz, latent_rows, resolution)
+        rows = torch.cat([sdf.to(device=device, dtype=dtype).reshape(-1, 1), latent_rows], dim=1)
         del latent_rows
-        sdf_background = torch.ones(1, device=device)
+        source = _PatchSource(xyz, rows, resolution)
+        del rows
+        background = torch.cat([torch.ones(1, device=device, dtype=dtype),
+                                self.embed_features(torch.zeros(1, feats.shape[-1], device=device))[0]])
 
         volume = torch.zeros((resolution,) * 3, dtype=torch.float32, device=device)
         boxes = list(itertools.product(range(len(origins)), repeat=3))
         for n, (i, j, k) in enumerate(boxes):
             origin = (origins[i], origins[j], origins[k])
-            sdf_patch = sdf_source.densify(origin, patch_size, sdf_background, dtype)
-            latent_patch = latent_source.densify(origin, patch_size, latent_background, dtype)
-            refined = self.refine_embedded_patch(sdf_patch, latent_patch)[0, 0]
-            del sdf_patch, latent_patch
+            patch = source.densify(origin, patch_size, background, dtype)
+            refined = self.refine_embedded_patch(patch[:, :1], patch[:, 1:])[0, 0]
+            del patch
             blend = weights[i].view(-1, 1, 1) * weights[j].view(1, -1, 1) * weights[k].view(1, 1, -1)
             region = volume[origin[0]:origin[0] + patch_size, origin[1]:origin[1] + patch_size,
                             origin[2]:origin[2] + patch_size]
