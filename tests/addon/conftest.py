@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bpy_harness import bpy_root, find_bpy_python  # noqa: E402
-from engine_setup import REPO, prepare_engine  # noqa: E402
+from engine_setup import REPO, prepare_engine, real_pipeline_available  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -38,4 +38,6 @@ def addon_zip(tmp_path_factory, bpy_python) -> Path:
 
 @pytest.fixture(scope="session")
 def engine(tmp_path_factory):
-    return prepare_engine(tmp_path_factory.mktemp("engine"))
+    """The real pipeline on tiny random weights when present, else the fake-pipeline seam."""
+    kind = "tiny" if real_pipeline_available() else "fake"
+    return prepare_engine(tmp_path_factory.mktemp("engine"), kind)

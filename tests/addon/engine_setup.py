@@ -1,5 +1,5 @@
-"""Chooses how protocol tests drive the worker: the real pipeline on tiny random weights when
-the pipeline and ``tests/helpers/tiny_weights.py`` exist, else the fake pipeline seam."""
+"""How the tests drive the worker: through the fake pipeline seam (fast, deterministic timing)
+or the real pipeline on tiny random weights (``tests/helpers/tiny_weights.py``)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ class EngineSetup:
     def settings(self, slow: bool = False, **overrides) -> dict:
         """Settings that keep a job short on CPU (or long enough to cancel when ``slow``)."""
         if self.kind == "tiny":
-            steps = 40 if slow else 2
+            steps = 200 if slow else 2
             values = {"resolution": 512, "seed": 1, "dense_steps": steps, "sparse_512_steps": 2,
                       "sparse_1024_steps": 2}
         else:
@@ -39,8 +39,10 @@ def real_pipeline_available() -> bool:
     return (REPO / "engine" / "pipeline.py").is_file() and TINY_WEIGHTS_HELPER.is_file()
 
 
-def prepare_engine(folder: Path) -> EngineSetup:
-    if real_pipeline_available():
+def prepare_engine(folder: Path, kind: str = "fake") -> EngineSetup:
+    """``kind``: "fake" (the seam, deterministic and fast) or "tiny" (the real pipeline on tiny
+    random weights; callers skip when ``real_pipeline_available()`` is false)."""
+    if kind == "tiny":
         spec = importlib.util.spec_from_file_location("d3d_tiny_weights", TINY_WEIGHTS_HELPER)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)

@@ -1,7 +1,8 @@
 """Protocol tests against the real worker process (``python -m engine.worker``).
 
-The worker runs the real pipeline on tiny random weights when both exist (see
-tests/addon/engine_setup.py), else the documented fake-pipeline seam.
+Most tests drive the worker with the documented fake-pipeline seam (fast, exact step timing);
+the last test runs the real pipeline on tiny random weights (tests/helpers/tiny_weights.py)
+through the same worker: a result, a cancel mid-job, and a job that raises.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "addon"))
-from engine_setup import ENGINE_PYTHON, REPO, prepare_engine  # noqa: E402
+from engine_setup import ENGINE_PYTHON, REPO, prepare_engine, real_pipeline_available  # noqa: E402
 
 IMAGE = REPO.parent / "shared" / "images" / "0.png"
 
 
 @pytest.fixture(scope="module")
 def engine_setup(tmp_path_factory):
-    return prepare_engine(tmp_path_factory.mktemp("engine"))
+    return prepare_engine(tmp_path_factory.mktemp("engine"), "fake")
 
 
 @pytest.fixture(scope="module")
@@ -123,11 +124,7 @@ def test_ready_reports_environment_and_weights(worker, engine_setup):
     assert ready["cuda_available"] is False and ready["gpus"] == []
     assert ready["device"] == "cpu" and ready["dtype"] == "float32"
     weights = ready["weights"]
-    if engine_setup.kind == "tiny":
-        assert weights["complete"] is True, weights
-        assert weights["missing"] == []
-    else:
-        assert weights["complete"] is False
+    assert weights["complete"] is False and weights["message"]  # no weights folder given
 
 
 def test_malformed_requests_give_errors_and_worker_stays_usable(worker, tmp_path, image_path):
@@ -268,3 +265,44 @@ def test_worker_exits_when_stdin_closes(engine_setup, tmp_path):
     process.process.stdin.close()
     assert process.process.wait(timeout=30) == 0
     process.log.close()
+
+
+def test_real_tiny_pipeline_result_cancel_and_failure(tmp_path_factory, image_path):
+    if not real_pipeline_available():
+        pytest.skip("engine.pipeline or tests/helpers/tiny_weights.py not present")
+    folder = tmp_path_factory.mktemp("tiny")
+    setup = prepare_engine(folder, "tiny")
+    worker = WorkerProcess(setup, folder / "worker.log")
+    try:
+        ready = worker.next_event(timeout=120)
+        assert ready["event"] == "ready"
+        assert ready["weights"]["complete"] is True, ready["weights"]
+        # A job that raises inside the pipeline (unreadable image).
+        broken = folder / "broken.png"
+        broken.write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+        worker.send({"id": "bad", "cmd": "generate", "image": str(broken),
+                     "output": str(folder / "bad.glb"), "settings": setup.settings()})
+        failed, _ = worker.wait_for(lambda e: e.get("id") == "bad" and e["event"] != "progress", 300)
+        assert failed["event"] == "error" and failed["code"] in ("bad_image", "invalid_input"), failed
+        # A full job.
+        worker.send({"id": "ok", "cmd": "generate", "image": image_path,
+                     "output": str(folder / "ok.glb"), "settings": setup.settings()})
+        final, seen = worker.wait_for(lambda e: e.get("id") == "ok" and e["event"] != "progress", 600)
+        assert final["event"] == "result", final
+        stages = {e["stage"] for e in seen if e["event"] == "progress"}
+        assert {"dense", "sparse_512"} <= stages
+        assert final["faces"] > 0 and (folder / "ok.glb").is_file()
+        # Cancel during the sampler: stops within one step.
+        worker.send({"id": "long", "cmd": "generate", "image": image_path,
+                     "output": str(folder / "long.glb"), "settings": setup.settings(slow=True)})
+        first, _ = worker.wait_for(lambda e: e.get("id") == "long" and e["event"] == "progress"
+                                   and e["stage"] == "dense" and e["step"] >= 1, 600)
+        worker.send({"id": "c", "cmd": "cancel", "job": "long"})
+        outcome, seen = worker.wait_for(
+            lambda e: e.get("id") == "long" and e["event"] in ("cancelled", "result", "error"), 120)
+        assert outcome["event"] == "cancelled", outcome
+        later = [e for e in seen if e.get("id") == "long" and e["event"] == "progress" and e["stage"] == "dense"]
+        assert len(later) <= 2 and first["total"] > first["step"] + len(later)
+    finally:
+        worker.close()
+    assert not worker.non_json, worker.non_json[:3]
