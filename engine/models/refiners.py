@@ -145,7 +145,7 @@ class Upsample3D(nn.Module):
         A k2 s2 transposed conv maps each input voxel to its own 2x2x2 output block, so x-slabs of the
         input give exactly the matching output slabs.
         """
-        batch, channels = x.shape[:2]
+        batch = x.shape[0]
         out_channels = self.conv.out_channels
         out_size = [2 * s for s in x.shape[2:]]
         if list(skip.shape[2:]) != out_size:
