@@ -378,6 +378,15 @@ def ssa_ops(backend: str, device: torch.device):
     return triton_ops
 
 
+def _elements_by_layout(layout: SSALayout) -> list[list[int]]:
+    """Indices of the non-empty batch elements, grouped by shared block bookkeeping (same coordinates)."""
+    groups: dict[int, list[int]] = {}
+    for index, element in enumerate(layout.elements):
+        if element.token_rows.stop > element.token_rows.start:
+            groups.setdefault(id(element.blocks), []).append(index)
+    return list(groups.values())
+
+
 # ============================================================================ modules
 def _block_pool(feats: Tensor, layout: SSALayout) -> Tensor:
     """Pooling of the token rows of each compression block as the official SparseDownsample does it:
@@ -500,25 +509,34 @@ class SpatialSparseAttention(nn.Module):
         injected = [block_topk] if isinstance(block_topk, Tensor) else block_topk
         if injected is not None and len(injected) != len(layout.elements):
             raise ValueError(f"block_topk has {len(injected)} entries for {len(layout.elements)} batch elements")
-        self.last_block_topk = []
-        for index, element in enumerate(layout.elements):
-            rows, comp_rows, blocks = element.token_rows, element.comp_rows, element.blocks
-            if rows.stop == rows.start:
-                continue
-            q_b, ck_b = q[rows], ck[comp_rows]
-            out_b, lse_b = ops.compressed_attention(q_b, ck_b, cv[comp_rows])
-            compressed[rows] = out_b
-            selection = None if injected is None else injected[index]
-            if selection is None:
-                selection = ops.select_blocks(q_b, ck_b, lse_b, blocks.comp_block_ids, blocks.num_blocks,
-                                              self.topk)
-            selection = selection.to(device=x.device, dtype=torch.int32)
-            if self.record_selection:
-                self.last_block_topk.append(selection)
-            selected[rows] = ops.selection_attention(q_b, k[rows], v[rows], selection, blocks.block_offsets)
+        selections: list = [None] * len(layout.elements)
+        for members in _elements_by_layout(layout):
+            blocks = layout.elements[members[0]].blocks
+            # Elements with identical coordinates run as one call with their heads side by side:
+            # element j owns query heads j*Hq.. and KV heads j*Hkv.., and the consecutive GQA grouping
+            # keeps every query head on its own element's KV head, so this is exact.
+            token_rows = [layout.elements[e].token_rows for e in members]
+            comp_rows = [layout.elements[e].comp_rows for e in members]
+            q_m = torch.cat([q[r] for r in token_rows], dim=1)
+            ck_m = torch.cat([ck[r] for r in comp_rows], dim=1)
+            out_m, lse_m = ops.compressed_attention(q_m, ck_m, torch.cat([cv[r] for r in comp_rows], dim=1))
+            given = [None if injected is None else injected[e] for e in members]
+            if any(g is None for g in given):
+                natural = ops.select_blocks(q_m, ck_m, lse_m, blocks.comp_block_ids, blocks.num_blocks, self.topk)
+                natural = natural.split(hkv, dim=0)
+                given = [natural[j] if g is None else g for j, g in enumerate(given)]
+            given = [g.to(device=x.device, dtype=torch.int32) for g in given]
+            sel_m = ops.selection_attention(q_m, torch.cat([k[r] for r in token_rows], dim=1),
+                                            torch.cat([v[r] for r in token_rows], dim=1),
+                                            torch.cat(given, dim=0), blocks.block_offsets)
+            for j, (element, rows) in enumerate(zip(members, token_rows)):
+                compressed[rows] = out_m[:, j * hq:(j + 1) * hq]
+                selected[rows] = sel_m[:, j * hq:(j + 1) * hq]
+                selections[element] = given[j]
+        self.last_block_topk = [s for s in selections if s is not None] if self.record_selection else []
 
         partition = window_partition(voxels, self.window_size, self.shift_window)
-        windowed = windowed_attention(q, k, v, partition)
+        windowed = getattr(ops, "windowed_attention", windowed_attention)(q, k, v, partition)
 
         gates = self.gate(x).float().unsqueeze(-1).unsqueeze(-1)             # [N, 3, 1, 1]
         mixed = gates[:, 0] * compressed.float() + gates[:, 1] * selected.float() + gates[:, 2] * windowed.float()

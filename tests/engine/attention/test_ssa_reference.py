@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from engine.attention import ssa
+from engine.sparse import SparseVoxels
 
 
 def block_sorted_shell(size: int, radius: float, centre: float, block: int = 8) -> torch.Tensor:
@@ -41,6 +42,15 @@ def dense_attention(q, k, v, allowed=None):
 
 def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Small tensors: one intra-op thread avoids OpenMP hand-off costs on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -176,15 +186,10 @@ def test_select_blocks_matches_explicit_topk(shell, cbs, topk):
 def selection_mask(block_topk, block_offsets, n, hq):
     """bool [Hq, N, N]: key j allowed for query i and query head h when j lies in a selected block."""
     hkv = block_topk.shape[0]
-    group = hq // hkv
-    offsets = block_offsets.tolist()
-    mask = torch.zeros(hq, n, n, dtype=torch.bool)
-    for kv_head in range(hkv):
-        for i in range(n):
-            for b in block_topk[kv_head, i].tolist():
-                if b >= 0:
-                    mask[kv_head * group:(kv_head + 1) * group, i, offsets[b]:offsets[b + 1]] = True
-    return mask
+    sizes = (block_offsets[1:] - block_offsets[:-1]).long()
+    key_block = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)           # [N]
+    allowed = (block_topk.long()[..., None] == key_block).any(dim=2)                   # [Hkv, N, N]
+    return allowed.repeat_interleave(hq // hkv, dim=0)
 
 
 def test_selection_attention_matches_masked_dense(shell):
@@ -252,3 +257,42 @@ def test_real_topk_is_capped_by_block_count():
     assert got.shape == (2, 30, 8)
     assert torch.equal(got[..., :3], torch.tensor([0, 1, 2], dtype=torch.int32).expand(2, 30, 3))
     assert (got[..., 3:] == -1).all()
+
+
+@pytest.mark.parametrize("version,cbs,shift", [("v1", 8, 4), ("v2", 4, 0)])
+def test_module_matches_brute_force_composition(shell, version, cbs, shift):
+    coords, _ = shell
+    n = coords.shape[0]
+    torch.manual_seed(1)
+    module = ssa.SpatialSparseAttention(64, 4, 2, cbs, 8, topk=4, window_size=8, shift_window=shift,
+                                        compression_version=version, backend="torch").double()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(n, 64, dtype=torch.float64)
+    voxels = SparseVoxels(x, coords)
+    module.record_selection = True
+    with torch.no_grad():
+        out = module(voxels).feats
+        selection = module.last_block_topk[0]
+        layout = ssa.ssa_layout(voxels, cbs, 8)
+        q = module.proj_q(x).view(n, 4, 16)
+        k = module.proj_k(x).view(n, 2, 16)
+        v = module.proj_v(x).view(n, 2, 16)
+        within = coords[:, 1:].long() % cbs
+        pe = module.intra_block_pe[within[:, 0], within[:, 1], within[:, 2]]
+        ck = module.compression_key(voxels.replace(k.reshape(n, 32) + pe), layout).view(-1, 2, 16)
+        cv = module.compression_value(voxels.replace(v.reshape(n, 32)), layout).view(-1, 2, 16)
+        compressed, _ = dense_attention(q, ck, cv)
+        blocks = layout.elements[0].blocks
+        want_sel, margin = explicit_topk(q, ck, blocks.comp_block_ids, blocks.num_blocks, 4)
+        clear = margin > 1e-6
+        assert torch.equal(selection.long()[clear], want_sel[clear])
+        selected, _ = dense_attention(q, k, v, selection_mask(selection, blocks.block_offsets, n, 4))
+        window_id = (coords[:, 1:].long() + shift) // 8
+        same_window = (window_id[:, None, :] == window_id[None, :, :]).all(-1)
+        windowed, _ = dense_attention(q, k, v, same_window.expand(4, n, n))
+        gates = torch.sigmoid(x @ module.gate[0].weight.T)
+        mixed = gates[:, 0, None, None] * compressed + gates[:, 1, None, None] * selected + gates[:, 2, None, None] * windowed
+        expected = mixed.reshape(n, 64) @ module.proj_o.weight.T
+    assert (out - expected).abs().max() < 1e-5 * expected.abs().max()  # fp32 kernels on fp64 inputs
