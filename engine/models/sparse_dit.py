@@ -162,6 +162,35 @@ class SparseDiT(nn.Module):
         h = F.layer_norm(h.float(), (h.shape[-1],), eps=1e-5).to(dtype)
         return x.replace(self.out_layer(h).to(x.dtype))
 
+    def forward_with_guidance(self, x: SparseVoxels, t: Tensor, cond, uncond,
+                              block_topk: Sequence | None = None) -> tuple[Tensor, Tensor]:
+        """Conditional and unconditional velocities of a batch-1 `x` in ONE batched forward.
+
+        cond/uncond: dense contexts `[1, L, C]` or batch-1 condition SparseVoxels. The two-element
+        token batch is built once per coordinate set and kept in `x.cache`, so its own caches (SSA
+        bookkeeping, windows, APE) survive across sampler steps that pass `x.replace(new_feats)`.
+        block_topk: optional injected selections, per DiT block `[cond_selection, uncond_selection]`.
+        Returns (cond_feats, uncond_feats), each `[N, out_channels]` in x's dtype.
+        """
+        if x.batch_size != 1:
+            raise ValueError("forward_with_guidance takes a batch of one")
+        doubled = x.cache.get("guidance_batch")
+        if doubled is None:
+            second = x.coords.clone()
+            second[:, 0] = 1
+            doubled = SparseVoxels(x.feats.new_zeros(2 * x.num_voxels, 0), torch.cat([x.coords, second]))
+            x.cache["guidance_batch"] = doubled
+        batch = doubled.replace(torch.cat([x.feats, x.feats]))
+        if isinstance(cond, SparseVoxels):
+            uncond_coords = uncond.coords.clone()
+            uncond_coords[:, 0] = 1
+            context = SparseVoxels(torch.cat([cond.feats, uncond.feats.to(cond.feats.dtype)]),
+                                   torch.cat([cond.coords, uncond_coords]))
+        else:
+            context = torch.cat([cond, uncond.to(cond.dtype)])
+        out = self(batch, t, context, block_topk=block_topk).feats
+        return out[:x.num_voxels], out[x.num_voxels:]
+
 
 def sparse_condition_tokens(dense_context: Tensor, mask: Tensor, patch_size: int = 14) -> SparseVoxels:
     """v1.0 sparse image conditions (architecture notes §2.1).

@@ -200,3 +200,17 @@ def test_full_size_keys_match_manifest_on_meta(manifest_dir, manifest):
     shifts = [block.self_attn.shift_window for block in model.blocks]
     assert shifts == [0, 4] * 12
     assert model.blocks[0].self_attn.topk == data["meta"]["params"]["topk"]
+
+
+def test_forward_with_guidance_matches_two_forwards_and_reuses_caches(parity):
+    fx, model, x, outputs, selections = parity
+    # fixed selections (this model's own natural ones) keep float noise away from near-tied top-k
+    injected = [[c, u] for c, u in zip(selections["cond"], selections["uncond"])]
+    with torch.no_grad():
+        cond_out, uncond_out = model.forward_with_guidance(
+            x, fx["inputs"]["t"], fixture_condition(fx, "cond"), fixture_condition(fx, "uncond"), block_topk=injected)
+    assert torch.allclose(cond_out.float(), outputs["cond"].float(), atol=2e-3, rtol=0)
+    assert torch.allclose(uncond_out.float(), outputs["uncond"].float(), atol=2e-3, rtol=0)
+    # the doubled token set lives in x's cache with its SSA bookkeeping, for the next sampler step
+    doubled = x.replace(x.feats).cache["guidance_batch"]
+    assert any(key[0] == "ssa_layout" for key in doubled.cache if isinstance(key, tuple))
