@@ -214,3 +214,24 @@ def test_forward_with_guidance_matches_two_forwards_and_reuses_caches(parity):
     # the doubled token set lives in x's cache with its SSA bookkeeping, for the next sampler step
     doubled = x.replace(x.feats).cache["guidance_batch"]
     assert any(key[0] == "ssa_layout" for key in doubled.cache if isinstance(key, tuple))
+
+
+def test_parity_fp16_compute_layers(parity_fixture):
+    # the released dtype layout: linear/conv weights fp16, norms and intra_block_pe fp32
+    from engine.models import cast_compute_layers
+
+    fx = parity_fixture("sparse_dit_v11.pt")
+    model = load_parity_model(fx)
+    cast_compute_layers(model, torch.float16)
+    assert model.blocks[0].self_attn.proj_q.weight.dtype == torch.float16
+    assert model.blocks[0].self_attn.intra_block_pe.dtype == torch.float32
+    refs = fx["intermediates"]
+    x = SparseVoxels(fx["inputs"]["x"], fx["inputs"]["coords"])
+    with torch.no_grad():
+        cond_out, uncond_out = model.forward_with_guidance(
+            x, fx["inputs"]["t"], fixture_condition(fx, "cond"), fixture_condition(fx, "uncond"),
+            block_topk=[[c, u] for c, u in zip(refs["block_topk_cond"], refs["block_topk_uncond"])])
+    for tag, ours in (("cond", cond_out), ("uncond", uncond_out)):
+        ok, rel, mx = within_tolerance(ours, fx["outputs"][f"out_{tag}"],
+                                       fx["tolerance_fixed_selection_per_output"][f"out_{tag}"])
+        assert ok, (tag, rel, mx)
