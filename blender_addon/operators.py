@@ -234,6 +234,15 @@ class D3D_OT_generate(bpy.types.Operator):
     def invoke(self, context, event):
         if bpy.app.background:
             return self.execute(context)
+        if not self._begin_job(context):
+            return {"CANCELLED"}
+        wm = context.window_manager
+        self._timer = wm.event_timer_add(0.2, window=context.window)
+        wm.modal_handler_add(self)
+        return {"RUNNING_MODAL"}
+
+    def _begin_job(self, context) -> bool:
+        """Send the job to the engine without waiting (the modal path); False on a problem."""
         state = context.window_manager.d3d_job
         try:
             pending, settings, output, client = self._start(context)
@@ -241,19 +250,17 @@ class D3D_OT_generate(bpy.types.Operator):
         except (RequestProblem, EngineError, mesh_import.ImportFailed) as exc:
             state.last_error = str(exc)
             self.report({"ERROR"}, str(exc))
-            return {"CANCELLED"}
+            return False
         session.job = job
         session.pending = pending
+        session.cancel_requested = False
         self._cancel_sent_at = None
         state.running = True
         state.progress = 0.0
         state.last_error = ""
         state.status = "Starting the engine"
-        wm = context.window_manager
-        self._timer = wm.event_timer_add(0.2, window=context.window)
-        wm.modal_handler_add(self)
         _set_status(context, "Direct3D-S2: starting (Esc cancels)")
-        return {"RUNNING_MODAL"}
+        return True
 
     def modal(self, context, event):
         job = session.job

@@ -179,7 +179,87 @@ def scenario_generate(config: dict) -> dict:
     return facts
 
 
-SCENARIOS = {"install": scenario_install, "generate": scenario_generate}
+class FakeEvent:
+    def __init__(self, kind: str, value: str = "NOTHING"):
+        self.type, self.value = kind, value
+
+
+def modal_harness():
+    """An object that runs D3D_OT_generate's modal code: modal operators cannot start in
+    background mode, so the test calls its methods the way the window manager would."""
+    operator = bpy.types.D3D_OT_generate
+    reports = []
+
+    class Harness:
+        _timer = None
+        _cancel_sent_at = None
+
+        def report(self, kinds, message):
+            reports.append([sorted(kinds)[0], message])
+
+    for name in ("_start", "_begin_job", "_finish", "modal", "_request_cancel", "cancel", "_cleanup"):
+        setattr(Harness, name, getattr(operator, name))
+    harness = Harness()
+    harness.reports = reports
+    return harness
+
+
+def drive_modal(harness, events_before_esc=None, use_cancel_operator=False, timeout=300.0):
+    """Feed TIMER events (and one Esc, or the cancel operator) until modal() ends."""
+    import time
+
+    context = bpy.context
+    statuses, timers = [], 0
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        if events_before_esc is not None and timers == events_before_esc:
+            if use_cancel_operator:
+                statuses.append("cancel operator: " + str(sorted(bpy.ops.d3d.cancel_generation())))
+            else:
+                assert harness.modal(context, FakeEvent("ESC", "PRESS")) == {"RUNNING_MODAL"}
+        outcome = harness.modal(context, FakeEvent("TIMER"))
+        timers += 1
+        # Events that are not ours pass through to Blender while the job runs.
+        if outcome == {"PASS_THROUGH"}:
+            state = context.window_manager.d3d_job
+            statuses.append(f"{state.progress:.3f} {state.status}")
+            passthrough = harness.modal(context, FakeEvent("MOUSEMOVE"))
+            assert passthrough == {"PASS_THROUGH"}, passthrough
+            continue
+        return sorted(outcome), statuses
+    raise AssertionError("modal() did not finish in time")
+
+
+def scenario_modal(config: dict) -> dict:
+    facts = install(config["zip"])
+    configure(config)
+    from importlib import import_module
+
+    session = import_module(f"{MODULE}.session").session
+    settings = bpy.context.scene.d3d_settings
+    for key, value in config["scene_settings"].items():
+        setattr(settings, key, value)
+    runs = {}
+    for name, slow, esc_after, use_operator in (("complete", False, None, False), ("esc", True, 3, False),
+                                                ("cancel_button", True, 3, True)):
+        settings.dense_steps = config["slow_steps"] if slow else config["quick_steps"]
+        harness = modal_harness()
+        before = set(bpy.data.objects.keys())
+        started = harness._begin_job(bpy.context)
+        busy_poll = bpy.types.D3D_OT_generate.poll(bpy.context)
+        outcome, statuses = drive_modal(harness, esc_after, use_operator)
+        new = sorted(set(bpy.data.objects.keys()) - before)
+        runs[name] = {"started": started, "outcome": outcome, "statuses": statuses, "new_objects": new,
+                      "reports": harness.reports, "busy_poll": busy_poll,
+                      "running_after": bpy.context.window_manager.d3d_job.running,
+                      "session_busy_after": session.busy}
+    facts["runs"] = runs
+    session.stop()
+    return facts
+
+
+SCENARIOS = {"install": scenario_install, "generate": scenario_generate, "modal": scenario_modal}
 
 
 def main() -> int:
