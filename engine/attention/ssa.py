@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -387,6 +388,13 @@ def _elements_by_layout(layout: SSALayout) -> list[list[int]]:
     return list(groups.values())
 
 
+def _side_by_side(tensor: Tensor, row_ranges: list[slice]) -> Tensor:
+    """Rows of several batch elements placed next to each other along the head dim ([n, m*H, D])."""
+    if len(row_ranges) == 1:
+        return tensor[row_ranges[0]]
+    return torch.cat([tensor[rows] for rows in row_ranges], dim=1)
+
+
 # ============================================================================ modules
 def _block_pool(feats: Tensor, layout: SSALayout) -> Tensor:
     """Pooling of the token rows of each compression block as the official SparseDownsample does it:
@@ -517,18 +525,16 @@ class SpatialSparseAttention(nn.Module):
             # keeps every query head on its own element's KV head, so this is exact.
             token_rows = [layout.elements[e].token_rows for e in members]
             comp_rows = [layout.elements[e].comp_rows for e in members]
-            q_m = torch.cat([q[r] for r in token_rows], dim=1)
-            ck_m = torch.cat([ck[r] for r in comp_rows], dim=1)
-            out_m, lse_m = ops.compressed_attention(q_m, ck_m, torch.cat([cv[r] for r in comp_rows], dim=1))
+            q_m, k_m, v_m = (_side_by_side(t, token_rows) for t in (q, k, v))
+            ck_m, cv_m = _side_by_side(ck, comp_rows), _side_by_side(cv, comp_rows)
+            out_m, lse_m = ops.compressed_attention(q_m, ck_m, cv_m)
             given = [None if injected is None else injected[e] for e in members]
             if any(g is None for g in given):
                 natural = ops.select_blocks(q_m, ck_m, lse_m, blocks.comp_block_ids, blocks.num_blocks, self.topk)
                 natural = natural.split(hkv, dim=0)
                 given = [natural[j] if g is None else g for j, g in enumerate(given)]
             given = [g.to(device=x.device, dtype=torch.int32) for g in given]
-            sel_m = ops.selection_attention(q_m, torch.cat([k[r] for r in token_rows], dim=1),
-                                            torch.cat([v[r] for r in token_rows], dim=1),
-                                            torch.cat(given, dim=0), blocks.block_offsets)
+            sel_m = ops.selection_attention(q_m, k_m, v_m, torch.cat(given, dim=0), blocks.block_offsets)
             for j, (element, rows) in enumerate(zip(members, token_rows)):
                 compressed[rows] = out_m[:, j * hq:(j + 1) * hq]
                 selected[rows] = sel_m[:, j * hq:(j + 1) * hq]
