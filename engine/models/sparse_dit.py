@@ -68,7 +68,8 @@ class SparseDiT(nn.Module):
         self.input_layer = nn.Linear(config.in_channels, channels)
         blocks = []
         for index in range(config.num_blocks):
-            shift = config.window_size // 2 if config.use_shift and index % 2 == 1 else 0
+            # as the official constructor: alternate 0 / window/2 with use_shift, else window/2 everywhere
+            shift = config.window_size // 2 * (index % 2) if config.use_shift else config.window_size // 2
             self_attn = SpatialSparseAttention(
                 channels, config.heads, config.num_kv_heads, config.compression_block_size,
                 config.selection_block_size, config.topk, window_size=config.window_size,

@@ -235,3 +235,12 @@ def test_parity_fp16_compute_layers(parity_fixture):
         ok, rel, mx = within_tolerance(ours, fx["outputs"][f"out_{tag}"],
                                        fx["tolerance_fixed_selection_per_output"][f"out_{tag}"])
         assert ok, (tag, rel, mx)
+
+
+def test_window_shift_per_block():
+    # official constructor: 0 / window//2 alternating with use_shift, window//2 in every block without
+    with torch.device("meta"):
+        alternating = SparseDiT(tiny_config(num_blocks=4))
+        constant = SparseDiT(tiny_config(num_blocks=4, use_shift=False))
+    assert [b.self_attn.shift_window for b in alternating.blocks] == [0, 4, 0, 4]
+    assert [b.self_attn.shift_window for b in constant.blocks] == [4, 4, 4, 4]
