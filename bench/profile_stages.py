@@ -28,8 +28,13 @@ def show(title, fn, repeat=2, rows=25):
         for _ in range(repeat):
             fn()
         torch.cuda.synchronize()
-    print(f"\n### {title} (x{repeat})\n")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70))
+    events = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)
+    total = sum(e.self_device_time_total for e in events) / 1e3 / repeat
+    print(f"\n### {title}: {total:.1f} ms of GPU time per call\n")
+    print("| self GPU ms/call | calls/call | kernel or op |")
+    print("| ---: | ---: | --- |")
+    for e in events[:rows]:
+        print(f"| {e.self_device_time_total / 1e3 / repeat:.2f} | {e.count / repeat:.0f} | {e.key[:90]} |")
 
 
 def main():
