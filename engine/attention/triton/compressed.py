@@ -1,0 +1,88 @@
+"""Compressed-attention branch of SSA: every query attends to all compressed keys.
+
+One program handles `TOKENS` consecutive query tokens and the `G = Hq / Hkv` query heads of one KV
+head, stacked as `TOKENS * G` rows of the matrix products (row r = token r // G, head r % G), so the
+16 heads of a GQA group share every loaded key tile. Online softmax in the base-2 domain; the
+natural-log LSE `[Hq, N]` is written for the block-scoring pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _compressed_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+                    n_tokens, n_comp,
+                    sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_n, so_h,
+                    scale_log2,
+                    G: tl.constexpr, TOKENS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    M: tl.constexpr = TOKENS * G
+    rows = tl.arange(0, M)
+    tok = pid * TOKENS + rows // G
+    head = kv_head * G + rows % G
+    row_ok = tok < n_tokens
+    dims = tl.arange(0, D)
+
+    q = tl.load(q_ptr + tok[:, None] * sq_n + head[:, None] * sq_h + dims[None, :],
+                mask=row_ok[:, None], other=0.0)
+    m_i = tl.full([M], float("-inf"), tl.float32)
+    l_i = tl.zeros([M], tl.float32)
+    acc = tl.zeros([M, D], tl.float32)
+    for start in range(0, n_comp, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < n_comp
+        k = tl.load(k_ptr + cols[:, None] * sk_n + kv_head * sk_h + dims[None, :],
+                    mask=col_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale_log2            # logits in log2 units
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        # the first tile always holds a valid key, so m_new is finite from then on
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + cols[:, None] * sv_n + kv_head * sv_h + dims[None, :],
+                    mask=col_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(o_ptr + tok[:, None] * so_n + head[:, None] * so_h + dims[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+    # lse (natural log) = (m + log2 l) * ln 2
+    tl.store(lse_ptr + head * n_tokens + tok, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=row_ok)
+
+
+def _last_dim_contiguous(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def compressed_attention(q: Tensor, ck: Tensor, cv: Tensor, *, tokens_per_program: int | None = None,
+                         block_n: int = 64, num_warps: int = 4) -> tuple[Tensor, Tensor]:
+    """q [N, Hq, D], ck/cv [Nc, Hkv, D] -> (out [N, Hq, D] in q's dtype, lse fp32 [Hq, N], natural log)."""
+    n_tokens, hq, d = q.shape
+    n_comp, hkv, _ = ck.shape
+    group = hq // hkv
+    q, ck, cv = _last_dim_contiguous(q), _last_dim_contiguous(ck), _last_dim_contiguous(cv)
+    out = torch.empty_like(q)
+    lse = torch.empty(hq, n_tokens, dtype=torch.float32, device=q.device)
+    if n_tokens == 0:
+        return out, lse
+    if tokens_per_program is None:
+        tokens_per_program = max(1, 64 // group)          # 64 rows per program
+    grid = (triton.cdiv(n_tokens, tokens_per_program), hkv)
+    _compressed_fwd[grid](q, ck, cv, out, lse, n_tokens, n_comp,
+                          q.stride(0), q.stride(1), ck.stride(0), ck.stride(1),
+                          cv.stride(0), cv.stride(1), out.stride(0), out.stride(1),
+                          LOG2E / math.sqrt(d),
+                          G=group, TOKENS=tokens_per_program, D=d, BLOCK_N=block_n, num_warps=num_warps)
+    return out, lse

@@ -1,0 +1,140 @@
+"""Block scoring and top-k selection without materialising the [Hkv, N, num_blocks] score matrix.
+
+Per program: `TOKENS` query tokens x the G query heads of one KV head (rows as in compressed.py).
+The selection blocks are visited in chunks of `BLOCK_B`; for each chunk the compressed keys of its
+blocks are gathered through a padded table `members[num_blocks, R]` (the compressed tokens of each
+selection block, -1 padded; R = 1 when compression block == selection block), the probabilities
+exp(q.k/sqrt(D) - lse) are recomputed, summed over the G heads and over each block's R compressed
+tokens, and merged into a running top-W list (W = next power of two >= topk) kept in registers,
+sorted by descending key; a chunk is merged only if it beats some token's W-th best.
+
+Ordering key: score (fp32, >= 0, so its bit pattern orders like the value) in the high 32 bits and
+`2^31 - 1 - block` in the low 32 bits, so equal scores prefer the lower block index; empty slots
+hold -1, below every real key.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .compressed import LOG2E, _last_dim_contiguous
+
+_SENTINEL = 2**31 - 1
+
+
+@triton.jit
+def _select_fwd(q_ptr, k_ptr, lse_ptr, members_ptr, out_ptr,
+                n_tokens, num_blocks, topk,
+                sq_n, sq_h, sk_n, sk_h, so_h, so_n,
+                scale_log2,
+                G: tl.constexpr, TOKENS: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
+                BLOCK_B: tl.constexpr, W: tl.constexpr):
+    pid = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    M: tl.constexpr = TOKENS * G
+    rows = tl.arange(0, M)
+    tok = pid * TOKENS + rows // G
+    head = kv_head * G + rows % G
+    row_ok = tok < n_tokens
+    dims = tl.arange(0, D)
+    q = tl.load(q_ptr + tok[:, None] * sq_n + head[:, None] * sq_h + dims[None, :],
+                mask=row_ok[:, None], other=0.0)
+    lse2 = tl.load(lse_ptr + head * n_tokens + tok, mask=row_ok, other=0.0) * 1.4426950408889634
+
+    cols = tl.arange(0, BLOCK_B * R)
+    slot = tl.arange(0, W)
+    best = tl.full([TOKENS, W], -1, tl.int64)
+    for b0 in range(0, num_blocks, BLOCK_B):
+        col_block = b0 + cols // R
+        member = tl.load(members_ptr + col_block * R + cols % R, mask=col_block < num_blocks, other=-1)
+        col_ok = member >= 0
+        k = tl.load(k_ptr + member[:, None] * sk_n + kv_head * sk_h + dims[None, :],
+                    mask=col_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale_log2 - lse2[:, None]
+        p = tl.where(col_ok[None, :], tl.exp2(s), 0.0)                          # [M, B*R]
+        p = tl.sum(tl.reshape(p, [TOKENS, G, BLOCK_B * R]), axis=1)            # sum over heads
+        score = tl.sum(tl.reshape(p, [TOKENS, BLOCK_B, R]), axis=2)            # sum per block
+        blocks = b0 + tl.arange(0, BLOCK_B)
+        key = (score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (2147483647 - blocks).to(tl.int64)[None, :]
+        key = tl.where((blocks < num_blocks)[None, :], key, -1)
+        # merge only when some token gains a block: its W-th best so far is the bar to beat
+        bar = tl.min(best, axis=1)
+        if tl.max((key > bar[:, None]).to(tl.int32)) > 0:
+            # extract the W largest keys of (running list, chunk) one by one; keys are unique
+            merged = tl.full([TOKENS, W], -1, tl.int64)
+            for j in tl.static_range(W):
+                top = tl.maximum(tl.max(best, axis=1), tl.max(key, axis=1))
+                merged = tl.where(slot[None, :] == j, top[:, None], merged)
+                best = tl.where(best == top[:, None], -1, best)
+                key = tl.where(key == top[:, None], -1, key)
+            best = merged
+
+    # best is sorted by descending key: keep the first `topk` real entries and write each at its
+    # rank among them (ascending block order); the output is pre-filled with -1 padding
+    block = (2147483647 - (best & 0xFFFFFFFF)).to(tl.int32)
+    keep = (best >= 0) & (slot < topk)[None, :]
+    block = tl.where(keep, block, 2147483647)
+    rank = tl.sum((block[:, None, :] < block[:, :, None]).to(tl.int32), axis=2)
+    toks = pid * TOKENS + tl.arange(0, TOKENS)
+    tl.store(out_ptr + kv_head * so_h + toks[:, None] * so_n + rank, block,
+             mask=(toks < n_tokens)[:, None] & keep)
+
+
+def block_members(comp_block_ids: Tensor, num_blocks: int, max_members: int | None = None) -> Tensor:
+    """int32 [num_blocks, R]: the compressed tokens of each selection block, -1 padded.
+
+    R is a power of two >= the largest member count; pass `max_members` to avoid a host sync when the
+    compressed tokens outnumber the blocks (v1.0: at most (8/4)^3 = 8).
+    """
+    ids = comp_block_ids.to(torch.long)
+    n_comp = ids.numel()
+    device = ids.device
+    if n_comp == num_blocks and max_members is None:
+        max_members = 1          # one compressed token per block (compression block == selection block)
+    counts = torch.zeros(num_blocks, dtype=torch.long, device=device)
+    counts.scatter_add_(0, ids, torch.ones_like(ids))
+    if max_members is None:
+        max_members = int(counts.max()) if num_blocks else 1
+    r = triton.next_power_of_2(max(1, max_members))
+    order = torch.argsort(ids, stable=True)
+    sorted_ids = ids[order]
+    first = torch.cumsum(counts, 0) - counts
+    position = torch.arange(n_comp, device=device) - first[sorted_ids]
+    members = torch.full((num_blocks, r), -1, dtype=torch.int32, device=device)
+    members[sorted_ids, position] = order.to(torch.int32)
+    return members
+
+
+@torch.no_grad()
+def select_blocks(q: Tensor, ck: Tensor, lse: Tensor, comp_block_ids: Tensor, num_blocks: int, topk: int,
+                  *, members: Tensor | None = None, tokens_per_program: int | None = None,
+                  block_b: int | None = None, num_warps: int = 4) -> Tensor:
+    """Top-k selection blocks per (KV head, query): int32 [Hkv, N, topk], ascending, -1 padded."""
+    n_tokens, hq, d = q.shape
+    hkv = ck.shape[1]
+    group = hq // hkv
+    q, ck = _last_dim_contiguous(q), _last_dim_contiguous(ck)
+    lse = lse.reshape(hq, n_tokens).float().contiguous()
+    out = torch.full((hkv, n_tokens, topk), -1, dtype=torch.int32, device=q.device)
+    if n_tokens == 0 or num_blocks == 0 or topk == 0:
+        return out
+    if members is None:
+        members = block_members(comp_block_ids, num_blocks)
+    r = members.shape[1]
+    w = triton.next_power_of_2(topk)
+    if block_b is None:
+        block_b = max(1, 64 // r)
+    if tokens_per_program is None:
+        tokens_per_program = max(1, 64 // group)
+    grid = (triton.cdiv(n_tokens, tokens_per_program), hkv)
+    _select_fwd[grid](q, ck, lse, members, out, n_tokens, num_blocks, topk,
+                      q.stride(0), q.stride(1), ck.stride(0), ck.stride(1), out.stride(0), out.stride(1),
+                      LOG2E / math.sqrt(d),
+                      G=group, TOKENS=tokens_per_program, D=d, R=r, BLOCK_B=block_b, W=w,
+                      num_warps=num_warps)
+    return out

@@ -1,0 +1,175 @@
+"""Triton SSA kernels against the PyTorch reference (engine.attention.ssa).
+
+On CPU the kernels run through Triton's interpreter (TRITON_INTERPRET=1, set below before the kernel
+modules are imported or reloaded); on a CUDA machine the same tests run the compiled kernels.
+Token sets: spherical-shell voxels on a 32^3 grid, thinned to a few hundred, block-sorted.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+triton = pytest.importorskip("triton")
+
+from engine.attention import ssa as ref  # noqa: E402
+from engine.sparse.ordering import sort_block_order  # noqa: E402
+
+
+def _interpreter_numpy_fix():
+    """Triton 3.6's interpreter turns scalar tensors into ints with `int(array_of_shape_1)`, which
+    numpy >= 2.4 rejects (runtime loop bounds then fail); re-patch `__index__` to take the element."""
+    from triton.runtime import interpreter
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_ssa_fixed", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._ssa_fixed = True
+    interpreter._patch_lang_tensor = patched
+
+
+def _load_kernels():
+    """Import engine.attention.triton; reload its modules if they were built without the interpreter."""
+    import engine.attention.triton as tk
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        _interpreter_numpy_fix()
+        from triton.runtime.interpreter import InterpretedFunction
+        from engine.attention.triton import compressed
+        if not isinstance(compressed._compressed_fwd, InterpretedFunction):
+            for name in sorted(n for n in sys.modules if n.startswith("engine.attention.triton.")):
+                importlib.reload(sys.modules[name])
+            tk = importlib.reload(tk)
+    return tk
+
+
+tk = _load_kernels()
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def shell_tokens(grid: int, radius: float, keep: float, seed: int, centre=None) -> torch.Tensor:
+    """Block-sorted coords [N, 4] (batch 0) of a thinned spherical shell of thickness ~1 voxel."""
+    g = torch.Generator().manual_seed(seed)
+    axis = torch.arange(grid, dtype=torch.float32)
+    x, y, z = torch.meshgrid(axis, axis, axis, indexing="ij")
+    c = torch.tensor(centre if centre is not None else [grid / 2 - 0.5] * 3)
+    dist = ((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2).sqrt()
+    on = (dist - radius).abs() < 0.75
+    pts = torch.stack([x[on], y[on], z[on]], dim=1).long()
+    pts = pts[torch.rand(pts.shape[0], generator=g) < keep]
+    coords = torch.cat([torch.zeros(pts.shape[0], 1, dtype=torch.long), pts], dim=1).int()
+    return coords[sort_block_order(coords, 8)]
+
+
+def make_case(cbs: int, hq: int, hkv: int, seed: int, radius=11.0, keep=0.12, dtype=torch.float16, d=32,
+              grid=32):
+    coords = shell_tokens(grid, radius, keep, seed)
+    layout = ref.compute_ssa_layout(coords, cbs, 8)
+    blocks = layout.elements[0].blocks
+    n, nc = coords.shape[0], layout.comp_coords.shape[0]
+    g = torch.Generator().manual_seed(seed + 1)
+    q = torch.randn(n, hq, d, generator=g) * 1.5
+    k = torch.randn(n, hkv, d, generator=g) * 1.5
+    v = torch.randn(n, hkv, d, generator=g)
+    ck = torch.randn(nc, hkv, d, generator=g) * 1.5
+    cv = torch.randn(nc, hkv, d, generator=g)
+    cast = lambda t: t.to(dtype).to(DEVICE)  # noqa: E731
+    return dict(q=cast(q), k=cast(k), v=cast(v), ck=cast(ck), cv=cast(cv),
+                comp_block_ids=blocks.comp_block_ids.to(DEVICE), num_blocks=blocks.num_blocks,
+                block_offsets=blocks.block_offsets.to(DEVICE))
+
+
+def close(a, b, rtol=2e-2, atol=2e-3):
+    a, b = a.float().cpu(), b.float().cpu()
+    err = (a - b).norm() / b.norm()
+    return bool(torch.isfinite(a).all()) and err < 3e-3 and torch.allclose(a, b, rtol=rtol, atol=atol)
+
+
+def topk_agrees(got: torch.Tensor, case: dict, lse: torch.Tensor, topk: int, rel: float = 1e-6) -> None:
+    """Rows identical to the reference except where its k-th and (k+1)-th scores are within `rel`."""
+    want = ref.select_blocks(case["q"], case["ck"], lse, case["comp_block_ids"], case["num_blocks"], topk)
+    assert got.shape == want.shape and got.dtype == torch.int32
+    differ = (got != want).any(dim=-1)                                   # [Hkv, N]
+    if differ.any():
+        scores = ref.block_scores(case["q"], case["ck"], lse, case["comp_block_ids"], case["num_blocks"])
+        k = min(topk, case["num_blocks"])
+        assert k < case["num_blocks"], "every block is selected: rows must match exactly"
+        top = torch.topk(scores, k + 1, dim=-1).values
+        near_tie = (top[..., k - 1] - top[..., k]).abs() <= rel * top[..., k - 1].abs()
+        assert not (differ & ~near_tie).any(), f"{int((differ & ~near_tie).sum())} rows differ"
+        assert differ.float().mean() < 0.02
+
+
+# Larger query tiles on CPU: the interpreter's cost is per program, the kernel logic is the same.
+TILE = None if DEVICE == "cuda" else 16
+
+CASES = [  # (compression block, Hq, Hkv, topk, dtype)
+    pytest.param(8, 32, 2, 8, torch.float16, id="v1.1-cbs8-top8-fp16"),
+    pytest.param(4, 32, 2, 8, torch.float16, id="v1.0-cbs4-top8-fp16"),
+    pytest.param(4, 16, 2, 32, torch.bfloat16, id="v1.0-cbs4-top32-bf16"),
+    pytest.param(8, 8, 2, 4, torch.float16, id="gqa4-cbs8-top4-fp16"),
+]
+
+
+@pytest.mark.parametrize("cbs,hq,hkv,topk,dtype", CASES)
+def test_ssa_kernels_match_reference(cbs, hq, hkv, topk, dtype):
+    big = dict(grid=48, radius=17.0, keep=0.04) if topk > 16 else {}   # > 32 blocks for top-32
+    case = make_case(cbs, hq, hkv, seed=cbs + hq + topk, dtype=dtype, **big)
+    assert case["num_blocks"] > topk      # more blocks than the selection keeps
+    q, ck, cv = case["q"], case["ck"], case["cv"]
+    # compressed attention and its lse
+    out, lse = tk.compressed_attention(q, ck, cv, tokens_per_program=TILE)
+    ref_out, ref_lse = ref.compressed_attention(q, ck, cv)
+    assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == ref_lse.shape
+    assert close(out, ref_out)
+    assert torch.allclose(lse.cpu(), ref_lse.cpu(), rtol=1e-5, atol=1e-5)
+    # top-k blocks from the same lse
+    got = tk.select_blocks(q, ck, ref_lse, case["comp_block_ids"], case["num_blocks"], topk,
+                           tokens_per_program=TILE)
+    topk_agrees(got, case, ref_lse, topk)
+    # selection attention on the reference selection
+    sel = ref.select_blocks(q, ck, ref_lse, case["comp_block_ids"], case["num_blocks"], topk)
+    want = ref.selection_attention(q, case["k"], case["v"], sel, case["block_offsets"])
+    got = tk.selection_attention(q, case["k"], case["v"], sel, case["block_offsets"],
+                                 tokens_per_program=TILE)
+    assert got.dtype == dtype
+    assert close(got, want) if dtype == torch.float16 else close(got, want, rtol=4e-2, atol=1e-2)
+
+
+def test_fewer_blocks_than_topk_and_default_tiles():
+    # a small shell: fewer non-empty blocks than topk -> all blocks, ascending, then -1 padding;
+    # default (GPU) tile sizes, per-token selection tiles, N not a multiple of any tile
+    case = make_case(4, 32, 2, seed=5, radius=3.0, keep=0.7)
+    nb, n = case["num_blocks"], case["q"].shape[0]
+    assert nb < 32 and n % 4 != 0
+    q, ck, cv = case["q"], case["ck"], case["cv"]
+    out, lse = tk.compressed_attention(q, ck, cv)
+    ref_out, ref_lse = ref.compressed_attention(q, ck, cv)
+    assert close(out, ref_out) and torch.allclose(lse.cpu(), ref_lse.cpu(), rtol=1e-5, atol=1e-5)
+    got = tk.select_blocks(q, ck, lse, case["comp_block_ids"], nb, 32)
+    expect = torch.full_like(got, -1)
+    expect[..., :nb] = torch.arange(nb, dtype=torch.int32, device=got.device)
+    assert torch.equal(got, expect)
+    want = ref.selection_attention(q, case["k"], case["v"], got, case["block_offsets"])
+    for tokens in (None, 1):
+        out = tk.selection_attention(q, case["k"], case["v"], got, case["block_offsets"],
+                                     tokens_per_program=tokens)
+        assert close(out, want)
+
+
+def test_block_members_layout():
+    ids = torch.tensor([0, 2, 1, 0, 2, 2], dtype=torch.int32)
+    members = tk.block_members(ids, 3)
+    assert members.shape == (3, 4)
+    assert members.tolist() == [[0, 3, -1, -1], [2, -1, -1, -1], [1, 4, 5, -1]]
+    assert tk.block_members(torch.arange(5, dtype=torch.int32), 5).tolist() == [[i] for i in range(5)]
