@@ -61,7 +61,7 @@ def absolute_position_embedding(positions: torch.Tensor, channels: int) -> torch
     freq_dim = channels // num_axes // 2
     freqs = 1.0 / (10000.0 ** (torch.arange(freq_dim, dtype=torch.float32, device=positions.device) / freq_dim))
     args = positions.float().reshape(-1, 1) * freqs[None]                      # [N*axes, F]
-    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1).reshape(positions.shape[0], -1)
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1).reshape(positions.shape[0], num_axes * 2 * freq_dim)
     if emb.shape[1] < channels:
         emb = torch.cat([emb, emb.new_zeros(emb.shape[0], channels - emb.shape[1])], dim=-1)
     return emb
