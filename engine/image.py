@@ -200,15 +200,18 @@ def _pad(image: Image.Image, margin: int, fill) -> Image.Image:
     return canvas
 
 
-def to_rgba_array(image: ImageSource, background_remover: Optional[BackgroundRemover] = None) -> np.ndarray:
-    """Load, validate and make sure the object has a mask: ``uint8 [H, W, 4]``."""
+def to_rgba_array(image: ImageSource, background_remover: Optional[BackgroundRemover] = None,
+                  name: Optional[Union[str, os.PathLike]] = None) -> np.ndarray:
+    """Load, validate and make sure the object has a mask: ``uint8 [H, W, 4]``. ``name`` (e.g. the
+    file the PIL image came from) is used in error messages."""
     pil = load_image(image)
+    what = str(name) if name is not None else _describe(image)
     if has_useful_alpha(pil):
         rgba = np.asarray(pil)
     else:
         if background_remover is None:
             raise ImageError(
-                f"{_describe(image)} has no transparent background. Give an RGBA image with the "
+                f"{what} has no transparent background. Give an RGBA image with the "
                 f"background removed, or enable background removal (download BiRefNet with "
                 f"`python -m engine weights download --background-removal`).")
         rgb = pil.convert("RGB")
@@ -218,14 +221,15 @@ def to_rgba_array(image: ImageSource, background_remover: Optional[BackgroundRem
                              f"expected an L mask of size {rgb.size}.")
         rgba = np.concatenate([np.asarray(rgb), np.asarray(mask)[..., None]], axis=-1)
     if not (rgba[..., 3] > 0).any():
-        raise ImageError(f"{_describe(image)} has no foreground: every pixel is fully transparent "
+        raise ImageError(f"{what} has no foreground: every pixel is fully transparent "
                          f"(after background removal, if it ran). Use an image showing one object.")
     return rgba
 
 
-def preprocess_image(image: ImageSource, background_remover: Optional[BackgroundRemover] = None) -> torch.Tensor:
+def preprocess_image(image: ImageSource, background_remover: Optional[BackgroundRemover] = None,
+                     name: Optional[Union[str, os.PathLike]] = None) -> torch.Tensor:
     """The official test-time preprocessing: returns float32 ``[4, 518, 518]`` (RGB over white, mask)."""
-    rgba = crop_to_foreground(to_rgba_array(image, background_remover))
+    rgba = crop_to_foreground(to_rgba_array(image, background_remover, name))
     colour = rgba[..., :3] / 255.0
     alpha = rgba[..., 3:] / 255.0
     over_white = colour * alpha + (1.0 - alpha)
