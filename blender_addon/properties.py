@@ -20,13 +20,6 @@ UP_AXIS_ITEMS = [
 ]
 
 
-def _image_file_changed(self, context):
-    # Forget a cached preview so a replaced file on disk shows its new content.
-    from . import ui
-
-    ui.forget_preview(self.image_path)
-
-
 class D3D_PG_settings(bpy.types.PropertyGroup):
     """What to generate and how to bring it into the scene (saved with the .blend file)."""
 
@@ -42,7 +35,8 @@ class D3D_PG_settings(bpy.types.PropertyGroup):
         name="Image",
         description="Reference image (PNG/JPEG/WebP; transparent background works best)",
         subtype="FILE_PATH",
-        update=_image_file_changed,
+        # No update callback on purpose: in the bpy 4.2 wheel a property with an update
+        # callback crashes the interpreter at exit. The preview is keyed by file time instead.
     )
     image: PointerProperty(
         name="Image",

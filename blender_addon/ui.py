@@ -16,27 +16,24 @@ def _preview_icon(path: str) -> int:
     global _previews
     if not path:
         return 0
-    absolute = bpy.path.abspath(path)
-    if not Path(absolute).is_file():
+    absolute = Path(bpy.path.abspath(path))
+    try:
+        modified = absolute.stat().st_mtime_ns
+    except OSError:
+        return 0
+    if not absolute.is_file():
         return 0
     if _previews is None:
         import bpy.utils.previews
 
         _previews = bpy.utils.previews.new()
-    if absolute not in _previews:
+    key = f"{absolute}|{modified}"  # a file replaced on disk gets a fresh preview
+    if key not in _previews:
         try:
-            _previews.load(absolute, absolute, "IMAGE")
+            _previews.load(key, str(absolute), "IMAGE")
         except (KeyError, RuntimeError):
             return 0
-    return _previews[absolute].icon_id
-
-
-def forget_preview(path: str) -> None:
-    """Drop a cached preview (its file may have changed)."""
-    global _previews
-    if _previews is not None and path:
-        bpy.utils.previews.remove(_previews)
-        _previews = None
+    return _previews[key].icon_id
 
 
 class D3D_PT_main(bpy.types.Panel):

@@ -159,7 +159,19 @@ def main() -> int:
     return 0 if not failures else 1
 
 
+def finish(code: int) -> None:
+    if not bpy.app.background:
+        return  # run from Blender's UI: leave Blender open
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if not bpy.app.binary_path:
+        # bpy as a Python module: the 4.2 wheel crashes while the interpreter shuts down once
+        # an add-on class was registered (exit status -11), which would hide our status.
+        import os
+
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    code = main()
-    if bpy.app.background:
-        sys.exit(code)
+    finish(main())
