@@ -11,5 +11,7 @@ Inputs fp16/bf16 (fp32 accepted), head dim a power of two; accumulation in fp32.
 from .compressed import compressed_attention
 from .select import block_members, select_blocks
 from .selection import selection_attention
+from .window import windowed_attention
 
-__all__ = ["compressed_attention", "select_blocks", "selection_attention", "block_members"]
+__all__ = ["compressed_attention", "select_blocks", "selection_attention", "block_members",
+           "windowed_attention"]

@@ -113,10 +113,13 @@ def topk_agrees(got: torch.Tensor, case: dict, lse: torch.Tensor, topk: int, rel
 # Larger query tiles on CPU: the interpreter's cost is per program, the kernel logic is the same.
 TILE = None if DEVICE == "cuda" else 16
 
+# Triton 3.6's interpreter misreads bf16 tensors (garbage loads), so bf16 runs on CUDA only.
+BF16_OR_FP32 = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+
 CASES = [  # (compression block, Hq, Hkv, topk, dtype)
     pytest.param(8, 32, 2, 8, torch.float16, id="v1.1-cbs8-top8-fp16"),
     pytest.param(4, 32, 2, 8, torch.float16, id="v1.0-cbs4-top8-fp16"),
-    pytest.param(4, 16, 2, 32, torch.bfloat16, id="v1.0-cbs4-top32-bf16"),
+    pytest.param(4, 16, 2, 32, BF16_OR_FP32, id="v1.0-cbs4-top32-bf16|fp32"),
     pytest.param(8, 8, 2, 4, torch.float16, id="gqa4-cbs8-top4-fp16"),
 ]
 
@@ -131,7 +134,7 @@ def test_ssa_kernels_match_reference(cbs, hq, hkv, topk, dtype):
     out, lse = tk.compressed_attention(q, ck, cv, tokens_per_program=TILE)
     ref_out, ref_lse = ref.compressed_attention(q, ck, cv)
     assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == ref_lse.shape
-    assert close(out, ref_out)
+    assert close(out, ref_out) if dtype != torch.bfloat16 else close(out, ref_out, rtol=4e-2, atol=1e-2)
     assert torch.allclose(lse.cpu(), ref_lse.cpu(), rtol=1e-5, atol=1e-5)
     # top-k blocks from the same lse
     got = tk.select_blocks(q, ck, ref_lse, case["comp_block_ids"], case["num_blocks"], topk,
@@ -143,7 +146,7 @@ def test_ssa_kernels_match_reference(cbs, hq, hkv, topk, dtype):
     got = tk.selection_attention(q, case["k"], case["v"], sel, case["block_offsets"],
                                  tokens_per_program=TILE)
     assert got.dtype == dtype
-    assert close(got, want) if dtype == torch.float16 else close(got, want, rtol=4e-2, atol=1e-2)
+    assert close(got, want) if dtype != torch.bfloat16 else close(got, want, rtol=4e-2, atol=1e-2)
 
 
 def test_fewer_blocks_than_topk_and_default_tiles():
@@ -173,3 +176,16 @@ def test_block_members_layout():
     assert members.shape == (3, 4)
     assert members.tolist() == [[0, 3, -1, -1], [2, -1, -1, -1], [1, 4, 5, -1]]
     assert tk.block_members(torch.arange(5, dtype=torch.int32), 5).tolist() == [[i] for i in range(5)]
+
+
+@pytest.mark.parametrize("shift", [0, 4])
+def test_windowed_attention(shift):
+    from engine.sparse.attention import window_partition, windowed_attention
+    case = make_case(8, 32, 2, seed=13 + shift, keep=0.08)
+    coords = shell_tokens(32, 11.0, 0.08, 13 + shift).to(DEVICE)
+    assert coords.shape[0] == case["q"].shape[0]
+    part = window_partition(coords, 8, shift)
+    want = windowed_attention(case["q"], case["k"], case["v"], part)
+    got = tk.windowed_attention(case["q"], case["k"], case["v"], part, tokens_per_program=TILE)
+    assert got.dtype == case["q"].dtype
+    assert close(got, want)
