@@ -133,6 +133,7 @@ class _StageClock:
         self.seconds: dict[str, float] = {}
         self.stage: Optional[str] = None
         self.stage_start = 0.0
+        self.last = (0, 1)
 
     def _sync(self):
         if self.device.type == "cuda":
@@ -149,11 +150,15 @@ class _StageClock:
         self.report(0, 1)
         try:
             yield
+            step, total = self.last
+            if step < total:  # stages without steps of their own end at 1/1
+                self.report(total, total)
         finally:
             self._sync()
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - self.stage_start, 4)
 
     def report(self, step: int, total: int):
+        self.last = (step, total)
         if self.on_progress is None:
             return
         elapsed = time.perf_counter() - self.stage_start
@@ -398,6 +403,7 @@ class Direct3DS2Pipeline:
                 raise GenerationError("The dense stage found no occupied voxel; try another seed or image.")
             block = self.configs["sparse_dit_512"].selection_block_size
             coords_512 = occupied[sort_block_order(occupied, block)]
+            tokens["dense"] = int(np.prod(self.configs["dense_dit"].latent_shape[1:]))
             tokens["sparse_512"] = int(coords_512.shape[0])
 
         with clock.stage_scope("sparse_512"):

@@ -1,0 +1,7 @@
+"""``python -m engine``: see engine.cli for the commands."""
+import sys
+
+from engine.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
