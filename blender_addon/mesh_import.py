@@ -148,6 +148,17 @@ def _evaluate_with_modifier(context, obj, modifier) -> None:
     _swap_mesh(obj, new_mesh)
 
 
+def enforce_face_budget(context, obj, max_faces: int) -> bool:
+    """Decimate in Blender when the engine's mesh is over budget; True when it had to."""
+    if len(obj.data.polygons) <= max_faces:
+        return False
+    for _ in range(3):  # collapse decimation can land a little above its ratio
+        decimate_to(context, obj, max_faces)
+        if len(obj.data.polygons) <= max_faces:
+            break
+    return True
+
+
 def voxel_remesh(context, obj, voxel_size: float) -> None:
     if voxel_size <= 0:
         raise ImportFailed("Voxel size must be greater than zero")
@@ -241,6 +252,9 @@ def import_result(context, arrays_path: str, name: str, options: dict, fit_bound
         obj.location = tuple(location)
         collection = context.collection or context.scene.collection
         collection.objects.link(obj)
+        max_faces = options.get("max_faces")
+        if max_faces:
+            enforce_face_budget(context, obj, int(max_faces))
         remesh = options.get("remesh", "NONE")
         if remesh == "VOXEL":
             voxel_remesh(context, obj, float(options.get("voxel_size", 0.02)))

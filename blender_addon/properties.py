@@ -121,6 +121,8 @@ class D3D_PG_settings(bpy.types.PropertyGroup):
             "remesh": self.remesh,
             "voxel_size": float(self.voxel_size),
             "quad_faces": int(self.quad_faces),
+            # The engine simplifies to the budget; Blender decimates further if it overshot.
+            "max_faces": int(self.target_faces) if self.use_target_faces else None,
         }
 
 

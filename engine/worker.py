@@ -329,20 +329,36 @@ def describe_failure(exc: BaseException) -> tuple[str, str]:
 
 
 def write_mesh_files(mesh, output: Path) -> dict:
-    """Write the mesh to ``output`` plus a ``.npz`` twin (vertices float32, faces int32)."""
+    """Write the mesh to ``output`` plus a ``.npz`` twin (vertices float32, faces int32).
+
+    Both are in the export frame of docs/output-frame.md (+Y up, +Z front). Each file is written
+    under a temporary name and renamed, so a file that exists is complete.
+    """
     import numpy as np
 
-    vertices = np.ascontiguousarray(np.asarray(mesh.vertices, dtype=np.float32))
-    faces = np.ascontiguousarray(np.asarray(mesh.faces, dtype=np.int32))
+    try:
+        from engine.mesh.frame import model_to_export
+        from engine.mesh.postprocess import EXPORT_FORMATS, export_mesh
+    except ImportError:  # the mesh package is optional for the fake pipeline seam
+        model_to_export, export_mesh, EXPORT_FORMATS = None, None, {}
+    vertices = np.asarray(mesh.vertices)
+    if model_to_export is not None:
+        vertices = model_to_export(vertices)
+    vertices = np.ascontiguousarray(vertices, dtype=np.float32)
+    faces = np.ascontiguousarray(np.asarray(mesh.faces), dtype=np.int32)
     output.parent.mkdir(parents=True, exist_ok=True)
     arrays_path = output.with_suffix(".npz")
     partial = arrays_path.with_name(arrays_path.stem + ".partial.npz")
     np.savez(partial, vertices=vertices, faces=faces)
     os.replace(partial, arrays_path)
-    if output.suffix.lower() != ".npz":
-        partial_mesh = output.with_name(output.stem + ".partial" + output.suffix)
-        mesh.export(str(partial_mesh))
-        os.replace(partial_mesh, output)
+    suffix = output.suffix.lower()
+    if suffix != ".npz":
+        if export_mesh is not None and suffix in EXPORT_FORMATS:
+            export_mesh(mesh, output)
+        else:
+            partial_mesh = output.with_name(output.stem + ".partial" + output.suffix)
+            mesh.export(str(partial_mesh))
+            os.replace(partial_mesh, output)
     return {
         "mesh": str(output),
         "arrays": str(arrays_path),
