@@ -406,7 +406,7 @@ def load_models(location: Union[WeightsLocation, str, Path], names: Sequence[str
     """
     import time
     from engine.models import build
-    from engine.models.dinov2 import load_dinov2_state_dict
+    from engine.models.dinov2 import hf_to_original_state_dict, is_hf_dinov2_layout, load_dinov2_state_dict
 
     start = time.perf_counter()
     if not isinstance(location, WeightsLocation):
@@ -424,6 +424,10 @@ def load_models(location: Union[WeightsLocation, str, Path], names: Sequence[str
                 raise WeightsError(f"No DINOv2 weights were found for {location.folder} (looked for "
                                    f"{DINOV2_ORIGINAL_FILE} and {DINOV2_LOCAL_HF_FILE} there).")
             state = read_image_encoder_state(location.image_encoder)
+            if is_hf_dinov2_layout(state):
+                state = hf_to_original_state_dict(state)
+            compare_state_dict(build("image_encoder", detected, device="meta", config=configs["image_encoder"]),
+                               state, str(location.image_encoder))
             model = build("image_encoder", detected, device=device, dtype=image_encoder_dtype,
                           config=configs["image_encoder"])
             try:
@@ -436,8 +440,10 @@ def load_models(location: Union[WeightsLocation, str, Path], names: Sequence[str
         if filename not in cache:
             cache[filename] = read_checkpoint(location.checkpoint(filename), CHECKPOINT_KEYS[filename])
         state = cache[filename][key]
+        # keys and shapes first, on the meta device (no memory), so a wrong file fails fast and clearly
+        compare_state_dict(build(name, detected, device="meta", config=configs[name]), state,
+                           f"{location.checkpoint(filename)} [{key!r}] ({name})")
         model = build(name, detected, device=device, dtype=dtype, config=configs[name])
-        compare_state_dict(model, state, f"{location.checkpoint(filename)} [{key!r}] ({name})")
         model.load_state_dict(state, strict=True)
         models[name] = model.eval()
     return LoadedModels(models=models, version=detected, release=release, configs=configs, location=location,

@@ -84,6 +84,10 @@ def tiny_configs(version: str = "v1.1") -> dict:
                            chunk_size=1)  # halo 4 makes every chunk of a tiny grid the whole grid
     sparse_dit = dict(model_channels=CONTEXT_CHANNELS, cond_channels=CONTEXT_CHANNELS, num_blocks=2, num_heads=4,
                       num_head_channels=16, num_kv_heads=2)
+    if release["sparse_dit_512"].compression_version == "v2":
+        # v1.0 compression group-normalises the pooled blocks, which needs more than one block per
+        # image: 2^3 compression blocks on the tiny 4^3 grid (release 4^3 on 64^3)
+        sparse_dit["compression_block_size"] = 2
     refiner = dict(block_out_channels=(4, 8, 8, 8), norm_num_groups=4, layers_per_block=1, layers_mid_block=1,
                    patch_size=PATCH, patch_stride=PATCH, volume_resolution=FINE_512)
     return {
@@ -209,3 +213,14 @@ def make_tiny_weights(folder: Union[str, Path], version: str = "v1.1", seed: int
     torch.save(_state(models["image_encoder"]), folder / DINOV2_FILE)
     (folder / "config.yaml").write_text(yaml.safe_dump(_yaml_document(configs), sort_keys=False))
     return folder
+
+
+_CACHE: dict = {}
+
+
+def cached_tiny_weights(version: str = "v1.1") -> Path:
+    """A tiny weights folder made once per test process (read-only by convention: copy it to modify)."""
+    import tempfile
+    if version not in _CACHE:
+        _CACHE[version] = make_tiny_weights(Path(tempfile.mkdtemp(prefix=f"tiny-d3ds2-{version}-")), version)
+    return _CACHE[version]
