@@ -259,7 +259,30 @@ def scenario_modal(config: dict) -> dict:
     return facts
 
 
-SCENARIOS = {"install": scenario_install, "generate": scenario_generate, "modal": scenario_modal}
+def scenario_orient(config: dict) -> dict:
+    """Where the engine's up (+Y) and front (+Z) end up for every up-axis choice, and the
+    determinant of each rotation (a mirror would turn the mesh inside out)."""
+    import numpy as np
+
+    install(config["zip"])
+    from importlib import import_module
+
+    mesh_import = import_module(f"{MODULE}.mesh_import")
+    facts = {}
+    for axis in ("Z", "Y", "X", "-Z", "-Y", "-X"):
+        up, front = mesh_import.orient(np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]), axis)
+        rotation = mesh_import.UP_AXIS_ROTATIONS[axis] @ mesh_import.ENGINE_TO_BLENDER
+        facts[axis] = {"up": up.round(6).tolist(), "front": front.round(6).tolist(),
+                       "det": float(np.linalg.det(rotation))}
+    try:
+        mesh_import.orient(np.zeros((1, 3)), "W")
+    except mesh_import.ImportFailed as exc:
+        facts["bad_axis"] = str(exc)
+    return facts
+
+
+SCENARIOS = {"install": scenario_install, "generate": scenario_generate, "modal": scenario_modal,
+             "orient": scenario_orient}
 
 
 def main() -> int:

@@ -42,3 +42,15 @@ def test_installs_from_zip_registers_and_unregisters(bpy_python, addon_zip, tmp_
     assert facts["torch_imported"] is False
     assert facts["after_disable_generate"] is False
     assert facts["after_disable_scene_settings"] is False
+
+
+def test_up_axis_rotations_are_proper_and_point_up(bpy_python, addon_zip, tmp_path):
+    facts = run_scenario(bpy_python, "orient", {"zip": str(addon_zip)}, tmp_path / "home")
+    expected_up = {"Z": [0, 0, 1], "Y": [0, 1, 0], "X": [1, 0, 0],
+                   "-Z": [0, 0, -1], "-Y": [0, -1, 0], "-X": [-1, 0, 0]}
+    for axis, up in expected_up.items():
+        assert facts[axis]["up"] == up, axis
+        assert facts[axis]["det"] == 1.0, axis  # a rotation, never a mirror
+    # With Blender's +Z up, the model's front (+Z in the engine frame) faces the -Y front view.
+    assert facts["Z"]["front"] == [0, -1, 0]
+    assert "Unknown up axis" in facts["bad_axis"]

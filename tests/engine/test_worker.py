@@ -306,3 +306,14 @@ def test_real_tiny_pipeline_result_cancel_and_failure(tmp_path_factory, image_pa
     finally:
         worker.close()
     assert not worker.non_json, worker.non_json[:3]
+
+
+def test_cli_entry_point_runs_the_worker():
+    """``python -m engine worker`` (the documented command) reaches the same worker."""
+    completed = subprocess.run(
+        [ENGINE_PYTHON, "-m", "engine", "worker", "--device", "cpu"],
+        input=b'{"id": "p", "cmd": "ping"}\n', capture_output=True, timeout=120, cwd=str(REPO))
+    assert completed.returncode == 0, completed.stderr.decode()[-2000:]
+    events = [json.loads(line) for line in completed.stdout.splitlines()]
+    assert [e["event"] for e in events] == ["ready", "status"]
+    assert events[1]["id"] == "p"
