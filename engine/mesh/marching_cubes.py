@@ -15,8 +15,15 @@ the segments are chained into closed loops on the cube surface and every loop is
 Ambiguous faces (diagonal corners on the same side) are resolved with the asymptotic decider, which
 uses only the four values of that face, so the two cells sharing a face always agree and the mesh
 is watertight. ``face_rule="separate"`` instead always separates the above corners (a fixed,
-sign-only rule). Interior (cube-centre) ambiguities are not resolved: each loop becomes its own
-surface patch, which can differ from Lewiner's tunnels in rare near-degenerate configurations.
+sign-only rule). Loops that cannot be triangulated without a diagonal lying in a cube face (which
+the neighbouring cell could share, making a non-manifold edge) get an extra vertex at the mean of
+their crossings, as Lewiner's tables do for some cases.
+
+Interior (cube-centre) ambiguities are not resolved: every loop becomes its own patch (no MC33
+tunnels). On smooth fields this gives exactly skimage's topology. On noisy fields the two can
+differ in a few cells: skimage's Lewiner tables put a tunnel into some cells with two opposite
+corners where the trilinear interpolant has none (checked by dense sampling, see the tests), and
+conversely true trilinear tunnels (rare) are not reproduced here.
 """
 from __future__ import annotations
 

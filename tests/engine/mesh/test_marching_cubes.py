@@ -274,3 +274,39 @@ def test_duplicate_points_last_value_wins():
 def test_grid_to_unit():
     v = torch.tensor([[0.0, 512.0, 1024.0]])
     torch.testing.assert_close(grid_to_unit(v, 1024), torch.tensor([[-1.0, 0.0, 1.0]]))
+
+
+def trilinear_components(corner_values: np.ndarray, steps: int = 61) -> int:
+    """Connected components of {f < 0} of the trilinear interpolant in one cell, by dense sampling."""
+    from scipy import ndimage
+
+    s = np.linspace(0.0, 1.0, steps)
+    x, y, z = np.meshgrid(s, s, s, indexing="ij")
+    f = np.zeros_like(x)
+    for c in range(8):
+        dx, dy, dz = c & 1, (c >> 1) & 1, (c >> 2) & 1
+        f += corner_values[c] * (x if dx else 1 - x) * (y if dy else 1 - y) * (z if dz else 1 - z)
+    return ndimage.label(f < 0)[1]
+
+
+@pytest.mark.parametrize(
+    "corner_values",
+    [
+        # two opposite below corners (2 and 5) that the trilinear interpolant keeps apart
+        [0.785, 0.01, -0.082, 0.063, 0.363, -0.049, 0.151, 0.108],
+        [0.091, 0.255, 0.008, -0.139, -0.022, 0.096, 0.209, 0.298],
+        # an ambiguous face whose decider connects the below corners, and one that separates them
+        [0.5, -0.4, -0.3, 0.6, 0.7, 0.8, 0.9, 0.6],
+        [0.1, -0.4, -0.3, 0.1, 0.7, 0.8, 0.9, 0.6],
+    ],
+)
+def test_single_cell_topology_follows_trilinear_interpolant(corner_values):
+    # One cell: the number of surface pieces must equal the number of below regions of the
+    # trilinear interpolant. (skimage's Lewiner tables put a tunnel into the first two cells.)
+    values = np.array(corner_values)
+    volume = np.zeros((2, 2, 2))
+    for c in range(8):
+        volume[c & 1, (c >> 1) & 1, (c >> 2) & 1] = values[c]
+    v, f = dense_marching_cubes(torch.from_numpy(volume), 0.0)
+    mesh = trimesh.Trimesh(v.numpy(), f.numpy(), process=False)
+    assert len(mesh.split(only_watertight=False)) == trilinear_components(values)
