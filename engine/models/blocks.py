@@ -9,12 +9,22 @@ import torch.nn.functional as F
 from torch import nn
 
 
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
 class LayerNorm32(nn.LayerNorm):
-    """LayerNorm computed in fp32 and cast back to the input dtype."""
+    """LayerNorm computed in fp32 and cast back to the input dtype.
+
+    For fp16/bf16 inputs `F.layer_norm` is called on the half tensor with fp32 affine parameters: its
+    kernels (CPU and CUDA) accumulate the statistics and evaluate the affine map in fp32 and round
+    once, which is the fp32 computation without the two full-size fp32 round trips.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
+        if x.dtype in _HALF_DTYPES:
+            return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
 
@@ -67,8 +77,46 @@ def absolute_position_embedding(positions: torch.Tensor, channels: int) -> torch
     return emb
 
 
+# (device, dtype) -> whether torch._addmm_activation(..., use_gelu=True) computes the tanh GELU there
+_FUSED_GELU_OK: dict = {}
+
+
+def fused_gelu_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the first MLP layer may use cuBLASLt's bias+GELU epilogue (`torch._addmm_activation`).
+
+    Only on CUDA, and only after a one-time check on this device and dtype that the epilogue is the
+    tanh approximation of the official `nn.GELU(approximate="tanh")` (CPU builds use the erf GELU
+    there). The check reads a result back, so it is skipped (answer False, not memoised) while a CUDA
+    graph is being captured; eager warm-up calls run it first.
+    """
+    if device.type != "cuda":
+        return False
+    key = (device.index if device.index is not None else torch.cuda.current_device(), dtype)
+    answer = _FUSED_GELU_OK.get(key)
+    if answer is None:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        generator = torch.Generator().manual_seed(1234)
+        a = (torch.randn(96, 160, generator=generator) * 0.5).to(device, dtype)
+        w = (torch.randn(192, 160, generator=generator) * 0.1).to(device, dtype)
+        b = torch.randn(192, generator=generator).to(device, dtype)
+        with torch.no_grad():
+            linear = F.linear(a, w, b).float()
+            fused = torch._addmm_activation(b, a, w.t(), use_gelu=True).float()
+            tanh_err = (fused - F.gelu(linear, approximate="tanh")).abs().max()
+            erf_err = (fused - F.gelu(linear)).abs().max()
+        tolerance = 2e-2 if dtype in _HALF_DTYPES else 1e-5
+        answer = bool(tanh_err <= tolerance) and bool(tanh_err < erf_err)
+        _FUSED_GELU_OK[key] = answer
+    return answer
+
+
 class FeedForward(nn.Module):
-    """Linear(C, rC) -> GELU(tanh) -> Linear(rC, C); keys ``mlp.0`` and ``mlp.2``."""
+    """Linear(C, rC) -> GELU(tanh) -> Linear(rC, C); keys ``mlp.0`` and ``mlp.2``.
+
+    On CUDA the first linear layer and the GELU run as one GEMM with a bias+GELU epilogue when that
+    epilogue is verified to be the tanh GELU (`fused_gelu_available`); elsewhere the modules run as is.
+    """
 
     def __init__(self, channels: int, mlp_ratio: float = 4.0):
         super().__init__()
@@ -76,7 +124,13 @@ class FeedForward(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(x)
+        first, activation, second = self.mlp
+        if (first.bias is not None and x.dtype == first.weight.dtype and x.shape[-1] > 1 and x.numel() > x.shape[-1]
+                and fused_gelu_available(x.device, x.dtype)):
+            flat = x.reshape(-1, x.shape[-1])
+            hidden = torch._addmm_activation(first.bias, flat, first.weight.t(), use_gelu=True)
+            return second(hidden.view(*x.shape[:-1], hidden.shape[-1]))
+        return second(activation(first(x)))
 
 
 class MultiHeadRMSNorm(nn.Module):
@@ -164,8 +218,9 @@ class ModulatedCrossBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, t_emb: torch.Tensor, context, **self_attn_kwargs) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(t_emb)
-        h = self.norm1(x) * (1 + scale_msa) + shift_msa
-        x = x + gate_msa * self.self_attn(h, **self_attn_kwargs)
+        # each modulation / gated residual is one fused multiply-add pass over the tokens
+        h = torch.addcmul(shift_msa, self.norm1(x), 1 + scale_msa)
+        x = torch.addcmul(x, gate_msa, self.self_attn(h, **self_attn_kwargs))
         x = x + self.cross_attn(self.norm2(x), context)
-        h = self.norm3(x) * (1 + scale_mlp) + shift_mlp
-        return x + gate_mlp * self.mlp(h)
+        h = torch.addcmul(shift_mlp, self.norm3(x), 1 + scale_mlp)
+        return torch.addcmul(x, gate_mlp, self.mlp(h))
