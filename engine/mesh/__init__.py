@@ -1,5 +1,11 @@
 """Mesh extraction (sparse marching cubes), narrow-band voxelisation, post-processing and export."""
-from engine.mesh.marching_cubes import dense_marching_cubes, grid_to_unit, sparse_marching_cubes
+from engine.mesh.marching_cubes import (
+    dense_marching_cubes,
+    grid_to_unit,
+    sign_change_cells,
+    sparse_marching_cubes,
+    upsampled_background,
+)
 from engine.mesh.postprocess import (
     decimate_to_faces,
     export,
@@ -15,6 +21,8 @@ __all__ = [
     "sparse_marching_cubes",
     "dense_marching_cubes",
     "grid_to_unit",
+    "sign_change_cells",
+    "upsampled_background",
     "narrow_band_tokens",
     "normalize_mesh",
     "point_triangle_distance_squared",

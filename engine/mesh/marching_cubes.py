@@ -37,6 +37,8 @@ __all__ = [
     "sparse_marching_cubes",
     "dense_marching_cubes",
     "grid_to_unit",
+    "upsampled_background",
+    "sign_change_cells",
     "case_table",
 ]
 
@@ -535,6 +537,67 @@ def dense_marching_cubes(
     lookup = _DenseLookup(volume)
     tri_ids, centre_ids, centre_members = _march_cells(origins, lookup, keys, level, face_rule, chunk_cells)
     return _edges_to_mesh(tri_ids, centre_ids, centre_members, lookup, keys, level, volume.dtype)
+
+
+def upsampled_background(coarse: torch.Tensor, factor: int = 2) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Background callable reading a coarse grid with nearest (``repeat_interleave``) upsampling:
+    fine point p takes ``coarse[p // factor]`` (e.g. the 1024 sign refiner's +-1 field at 512^3)."""
+    coarse = torch.as_tensor(coarse)
+    last = torch.tensor(coarse.shape, device=coarse.device) - 1
+
+    def lookup(coords: torch.Tensor) -> torch.Tensor:
+        index = torch.minimum(coords.to(coarse.device).long() // factor, last)
+        return coarse[index[:, 0], index[:, 1], index[:, 2]]
+
+    return lookup
+
+
+def sign_change_cells(coarse: torch.Tensor, level: float, factor: int = 2) -> torch.Tensor:
+    """Origins (int64 [C, 3]) of the fine cells whose corners straddle ``level`` in the nearest-upsampled
+    ``coarse`` grid, found on the coarse grid (the fine grid is never built).
+
+    Along one axis, fine cell origin o has corners o and o + 1, which fall in coarse cells o // factor
+    and (o + 1) // factor: the same one unless o = factor * i + factor - 1, where they are i and i + 1.
+    A fine cell therefore sees a block of 1 or 2 coarse values per axis; it can only cross the level
+    when that block is mixed, which needs at least one axis of the second kind.
+    """
+    coarse = torch.as_tensor(coarse)
+    if coarse.ndim != 3:
+        raise ValueError(f"coarse must be a 3-D grid, got shape {tuple(coarse.shape)}")
+    device = coarse.device
+    above = coarse > level
+    fine_limit = torch.tensor([n * factor - 2 for n in coarse.shape], device=device)
+    found = []
+    for pair_mask in range(1, 8):
+        pair_axes = [(pair_mask >> axis) & 1 for axis in range(3)]
+        # block corners: for pair axes offsets {0, 1}, for single axes offset 0 only
+        block_shape = [n - p for n, p in zip(coarse.shape, pair_axes)]
+        any_above = torch.zeros(block_shape, dtype=torch.bool, device=device)
+        all_above = torch.ones(block_shape, dtype=torch.bool, device=device)
+        for dx in range(pair_axes[0] + 1):
+            for dy in range(pair_axes[1] + 1):
+                for dz in range(pair_axes[2] + 1):
+                    corner = above[dx : dx + block_shape[0], dy : dy + block_shape[1], dz : dz + block_shape[2]]
+                    any_above |= corner
+                    all_above &= corner
+        coarse_index = torch.nonzero(any_above & ~all_above)  # [K, 3]
+        if coarse_index.shape[0] == 0:
+            continue
+        # fine origins: pair axis -> factor * i + factor - 1; single axis -> factor * i + (0 .. factor - 2)
+        choices = []
+        for axis in range(3):
+            if pair_axes[axis]:
+                choices.append(torch.tensor([factor - 1], device=device))
+            else:
+                choices.append(torch.arange(max(factor - 1, 0), device=device))
+        if any(c.numel() == 0 for c in choices):
+            continue
+        offsets = torch.cartesian_prod(*choices).reshape(-1, 3)
+        origins = (coarse_index[:, None, :] * factor + offsets[None]).reshape(-1, 3)
+        found.append(origins[(origins <= fine_limit).all(1)])
+    if not found:
+        return torch.zeros((0, 3), dtype=torch.long, device=device)
+    return torch.cat(found)
 
 
 def grid_to_unit(vertices: torch.Tensor, resolution: int) -> torch.Tensor:

@@ -310,3 +310,47 @@ def test_single_cell_topology_follows_trilinear_interpolant(corner_values):
     v, f = dense_marching_cubes(torch.from_numpy(volume), 0.0)
     mesh = trimesh.Trimesh(v.numpy(), f.numpy(), process=False)
     assert len(mesh.split(only_watertight=False)) == trilinear_components(values)
+
+
+@pytest.mark.parametrize("factor", [2, 3])
+def test_sign_change_cells_match_dense_upsampling(factor):
+    from engine.mesh.marching_cubes import sign_change_cells, upsampled_background
+
+    generator = np.random.default_rng(4)
+    coarse = torch.from_numpy(np.where(generator.random((6, 5, 7)) < 0.4, -1.0, 1.0))
+    fine = coarse.repeat_interleave(factor, 0).repeat_interleave(factor, 1).repeat_interleave(factor, 2)
+    above = (fine > 0.2).numpy()
+    corners = [above[dx : above.shape[0] - 1 + dx, dy : above.shape[1] - 1 + dy, dz : above.shape[2] - 1 + dz]
+               for dx in (0, 1) for dy in (0, 1) for dz in (0, 1)]
+    mixed = np.logical_or.reduce(corners) & ~np.logical_and.reduce(corners)
+    expected = {tuple(c) for c in np.argwhere(mixed).tolist()}
+    cells = sign_change_cells(coarse, 0.2, factor)
+    assert {tuple(c) for c in cells.tolist()} == expected
+    assert len(cells) == len(expected)  # no duplicates
+    coords = torch.from_numpy(np.argwhere(np.ones(fine.shape, dtype=bool)))
+    np.testing.assert_array_equal(upsampled_background(coarse, factor)(coords).numpy(), fine.reshape(-1).numpy())
+
+
+def test_sign_refined_extraction_matches_dense_volume():
+    # The 1024 refiner layout in miniature: decoded band values at fine resolution, a +-1 sign
+    # field at half resolution elsewhere; sparse extraction with the upsampled sign as background
+    # and its sign-change cells as candidates equals marching cubes of the assembled dense volume.
+    from engine.mesh.marching_cubes import sign_change_cells, upsampled_background
+
+    n = 32
+    band_field = as_tanh(sphere_sdf(n, (15.3, 16.1, 15.7), 9.4))
+    points, values = narrow_band(band_field, 0.6)
+    c = np.arange(n // 2) * 2.0 + 0.5
+    cx, cy, cz = np.meshgrid(c, c, c, indexing="ij")
+    inside = np.sqrt((cx - 15.3) ** 2 + (cy - 16.1) ** 2 + (cz - 15.7) ** 2) < 9.4
+    inside |= np.sqrt((cx - 26.0) ** 2 + (cy - 26.0) ** 2 + (cz - 6.0) ** 2) < 3.0  # a sign-only blob
+    sign = torch.from_numpy(np.where(inside, -1.0, 1.0).astype(np.float32))
+    dense = sign.repeat_interleave(2, 0).repeat_interleave(2, 1).repeat_interleave(2, 2).numpy().copy()
+    dense[tuple(points.T.numpy())] = values.numpy()
+    v, f = sparse_marching_cubes(
+        points, values, LEVEL, n, background=upsampled_background(sign), candidate_cells=sign_change_cells(sign, LEVEL)
+    )
+    dense_v, dense_f = dense_marching_cubes(torch.from_numpy(dense), LEVEL)
+    assert torch.equal(f, dense_f)
+    torch.testing.assert_close(v, dense_v)
+    assert topology(v.numpy(), f.numpy())[1] >= 2
