@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 STDERR_TAIL_LINES = 40
+LOG_ROTATE_BYTES = 5 * 2**20  # the engine log is moved to <name>.1 beyond this size
 ENGINE_EXIT_EVENT = "engine_exit"  # synthesised by the client when stdout closes
 
 
@@ -99,7 +100,10 @@ class EngineClient:
         self.config.validate()
         log_file = None
         if self.config.log_path:
-            Path(self.config.log_path).parent.mkdir(parents=True, exist_ok=True)
+            log_path = Path(self.config.log_path)
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            if log_path.is_file() and log_path.stat().st_size > LOG_ROTATE_BYTES:
+                os.replace(log_path, log_path.with_name(log_path.name + ".1"))
             log_file = open(self.config.log_path, "a", encoding="utf-8", errors="replace")
             log_file.write(f"\n--- engine started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
                            f"{' '.join(self.config.command())}\n")

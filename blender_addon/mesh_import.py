@@ -14,7 +14,7 @@ from pathlib import Path
 import bmesh
 import bpy
 import numpy as np
-from mathutils import Matrix
+from mathutils import Matrix, Vector
 
 # Engine frame (+Y up, front +Z) to Blender (+Z up, front -Y): the glTF convention.
 ENGINE_TO_BLENDER = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
@@ -99,14 +99,8 @@ def placement_transform(points: np.ndarray, up_axis: str, placement: str, height
 
 
 def world_bounds(obj) -> tuple[tuple, tuple]:
-    corners = np.array([tuple(obj.matrix_world @ _vector(c)) for c in obj.bound_box])
+    corners = np.array([tuple(obj.matrix_world @ Vector(c)) for c in obj.bound_box])
     return tuple(corners.min(axis=0)), tuple(corners.max(axis=0))
-
-
-def _vector(values):
-    from mathutils import Vector
-
-    return Vector(values)
 
 
 def build_mesh(name: str, vertices: np.ndarray, faces: np.ndarray):

@@ -15,6 +15,7 @@ from .session import PendingImport, session
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tga", ".tif", ".tiff"}
 CANCEL_GRACE_SECONDS = 20.0
+KEEP_RESULTS = 20  # newest results kept in the extension's results folder
 UNDO_MESSAGE = "Generate 3D from Image"
 
 
@@ -78,6 +79,21 @@ def selected_fit_bounds(context):
     return None
 
 
+def prune_results(folder: Path, keep: int = KEEP_RESULTS) -> None:
+    """Delete all but the newest ``keep`` results (each is a .glb with its .npz twin)."""
+    stems = {}
+    for file in folder.iterdir():
+        if file.is_file() and file.suffix in (".glb", ".npz"):
+            stems.setdefault(file.stem, []).append(file)
+    ordered = sorted(stems.values(), key=lambda files: max(f.stat().st_mtime for f in files), reverse=True)
+    for files in ordered[keep:]:
+        for file in files:
+            try:
+                file.unlink()
+            except OSError:
+                pass
+
+
 def prepare_job(context) -> tuple[PendingImport, dict, str]:
     settings = context.scene.d3d_settings
     image_path, name = resolve_image(settings)
@@ -90,7 +106,10 @@ def prepare_job(context) -> tuple[PendingImport, dict, str]:
     if options["remesh"] == "VOXEL" and options["voxel_size"] <= 0:
         raise RequestProblem("Voxel size must be greater than zero")
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    output = user_folder("results") / f"{bpy.path.clean_name(name)}-{stamp}-seed{settings.seed}.glb"
+    results = user_folder("results")
+    prune_results(results)
+    millis = int(time.time() * 1000) % 1000
+    output = results / f"{bpy.path.clean_name(name)}-{stamp}-{millis:03d}-seed{settings.seed}.glb"
     pending = PendingImport(image_path=image_path, object_name=name, import_options=options,
                             fit_bounds=fit_bounds)
     return pending, settings.engine_settings(), str(output)
