@@ -343,7 +343,8 @@ def _march_cells(
         raise ValueError(f"face_rule must be 'decider' or 'separate', got {face_rule!r}")
     device = cell_origins.device
     table, centre_members, ambiguous_mask = _device_tables(device)
-    max_tris, num_slots = table.shape[1], centre_members.shape[1]
+    tri_counts = (table[:, :, 0] >= 0).sum(1)
+    num_slots = centre_members.shape[1]
     centre_id_base = 3 * keys.num_points
     corner_offsets = torch.from_numpy(CORNER_OFFSETS).to(device)
     face_corners = torch.from_numpy(FACE_CORNERS).to(device)
@@ -377,13 +378,16 @@ def _march_cells(
             connect = torch.where(first_diag_above, prod_02 > prod_13, prod_13 > prod_02)
             bits = (connect.long() * face_powers).sum(1) & amb
         row = case * 64 + bits
-        tris = table[row]  # [C, T, 3] local vertex ids
         cell_edges = base[:, None] * 3 + edge_key_offsets[None, :]  # [C, 12]
         cell_centres = centre_id_base + base[:, None] * num_slots + slots[None, :]  # [C, S]
         local_to_global = torch.cat([cell_edges, cell_centres], dim=1)
-        valid = tris[..., 0] >= 0
-        cell_index = torch.arange(base.shape[0], device=device)[:, None].expand(-1, max_tris)
-        tri_chunks.append(local_to_global[cell_index[valid][:, None], tris[valid]])
+        # one entry per emitted triangle (memory follows the output, not cells x table width)
+        tris_per_cell = tri_counts[row]
+        tri_cell = torch.repeat_interleave(torch.arange(base.shape[0], device=device), tris_per_cell)
+        first_tri = torch.cumsum(tris_per_cell, 0) - tris_per_cell
+        tri_slot = torch.arange(tri_cell.shape[0], device=device) - first_tri[tri_cell]
+        local = table[row[tri_cell], tri_slot]  # [F, 3] local vertex ids
+        tri_chunks.append(torch.gather(local_to_global[tri_cell], 1, local))
         members = centre_members[row]  # [C, S, 12]
         used = members.any(-1)
         if bool(used.any()):
@@ -446,8 +450,8 @@ def sparse_marching_cubes(
     candidate_cells: torch.Tensor | None = None,
     *,
     face_rule: str = "decider",
-    chunk_points: int = 1 << 22,
-    chunk_cells: int = 1 << 20,
+    chunk_points: int = 1 << 20,
+    chunk_cells: int = 1 << 19,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Marching cubes over a sparse grid without allocating the dense volume.
 
