@@ -165,13 +165,7 @@ def format_summary(stats: dict) -> str:
 
 
 def run_generate(args) -> int:
-    import torch
-
-    from engine.image import ImageError
-    from engine.mesh import export_mesh
-    from engine.pipeline import Direct3DS2Pipeline, GenerationError, GenerationSettings
-    from engine.weights import WeightsError
-
+    # cheap checks before importing torch and the models
     output = Path(args.output)
     if output.suffix.lower() not in MESH_SUFFIXES:
         return _fail(f"the output must end in {', '.join(MESH_SUFFIXES)}; got {output.name!r}", 2)
@@ -179,6 +173,14 @@ def run_generate(args) -> int:
         return _fail(f"the output folder {output.parent} does not exist", 2)
     if not Path(args.image).is_file():
         return _fail(f"image file not found: {args.image}", 2)
+
+    import torch
+
+    from engine.image import ImageError
+    from engine.mesh import export_mesh
+    from engine.pipeline import Direct3DS2Pipeline, GenerationError, GenerationSettings
+    from engine.weights import WeightsError
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(device)
