@@ -17,8 +17,10 @@ can contain the surface are computed on demand.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
-from typing import Callable, Optional, Sequence
+from types import SimpleNamespace
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +40,50 @@ def _memory_format_of(x: Tensor) -> torch.memory_format:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Kernel backend: Triton on CUDA (engine.kernels), PyTorch elsewhere and as the test oracle
+# ----------------------------------------------------------------------------------------------------
+_KERNEL_BACKENDS = ("auto", "torch", "triton")
+_kernel_backend = "auto"
+
+
+def set_kernel_backend(name: str) -> str:
+    """Select the group norm / adaptive filter implementation; returns the previous setting.
+
+    ``"auto"``: the Triton kernels of :mod:`engine.kernels` for CUDA tensors, PyTorch otherwise;
+    ``"torch"``: always PyTorch; ``"triton"``: always Triton (on CPU only through ``TRITON_INTERPRET=1``).
+    """
+    global _kernel_backend
+    if name not in _KERNEL_BACKENDS:
+        raise ValueError(f"unknown refiner kernel backend {name!r}; expected one of {_KERNEL_BACKENDS}")
+    previous, _kernel_backend = _kernel_backend, name
+    return previous
+
+
+@contextlib.contextmanager
+def kernel_backend(name: str) -> Iterator[None]:
+    """Context manager form of :func:`set_kernel_backend`."""
+    previous = set_kernel_backend(name)
+    try:
+        yield
+    finally:
+        set_kernel_backend(previous)
+
+
+def _triton_kernels(x: Tensor) -> Optional[SimpleNamespace]:
+    """The Triton kernel modules to use for ``x`` under the current backend, or None for PyTorch."""
+    if _kernel_backend == "torch" or (_kernel_backend == "auto" and not x.is_cuda):
+        return None
+    try:  # imported here: tests reload these modules under Triton's interpreter
+        import engine.kernels.adaptive_filter as adaptive
+        import engine.kernels.group_norm as norm
+    except ImportError:
+        if _kernel_backend == "triton":
+            raise
+        return None
+    return SimpleNamespace(adaptive=adaptive, norm=norm)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Group norm in fp32 without a full fp32 copy of the activation
 # ----------------------------------------------------------------------------------------------------
 def group_norm_silu(x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, eps: float, *,
@@ -49,10 +95,16 @@ def group_norm_silu(x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, ep
     activation on the low-precision result), but the fp32 copies are made a few channels at a time:
     per-channel mean and variance are combined exactly into group statistics
     (var_g = mean_c(var_c) + mean_c((mean_c - mean_g)^2), all channels of a group having equal counts).
+    On CUDA (see :func:`set_kernel_backend`) 5D inputs go to the Triton kernels of
+    :mod:`engine.kernels.group_norm` (one read for the statistics, one fused normalise + affine + SiLU
+    pass), which evaluate the same expression.
     """
     batch, channels = x.shape[:2]
     if channels % num_groups:
         raise ValueError(f"{channels} channels do not split into {num_groups} groups")
+    kernels = _triton_kernels(x)
+    if kernels is not None and kernels.norm.voxel_stride(x) is not None:
+        return kernels.norm.group_norm_silu(x, num_groups, weight, bias, eps, silu=silu, out=x if inplace else None)
     per_group = channels // num_groups
     spatial_dims = tuple(range(2, x.dim()))
     voxels = x[0, 0].numel() if x.numel() else 0
@@ -273,7 +325,14 @@ def adaptive_filter(x: Tensor, raw_weights: Tensor, iterations: int = 3) -> Tens
     the neighbour at offset (i-1, j-1, k-1) along (D, H, W), with zeros outside the volume. The sum
     of 27 shifted views (no unfold) accumulates in fp32; each iteration's result is rounded to the
     input dtype as the official low-precision evaluation does. ``raw_weights`` is normalised in place.
+
+    On CUDA (see :func:`set_kernel_backend`) each iteration is one launch of the Triton kernel of
+    :mod:`engine.kernels.adaptive_filter`, which normalises the weights on the fly (with the same
+    roundings) and leaves ``raw_weights`` untouched.
     """
+    kernels = _triton_kernels(x)
+    if kernels is not None and x.dim() == 5:
+        return kernels.adaptive.adaptive_filter(x, raw_weights, iterations)
     dims = x.shape[2:]
     norm = torch.linalg.vector_norm(raw_weights, ord=1, dim=1, keepdim=True, dtype=torch.float32)
     taps = raw_weights.div_(norm.clamp_min_(1e-12)).to(x.dtype)  # in place: no fp32 copy of 27 channels
@@ -376,22 +435,60 @@ class _PatchSource:
         self.xyz = xyz[rows].to(torch.int32)
         self.values = values[rows]
 
-    def densify(self, origin: Sequence[int], size: int, background: Tensor, out_dtype) -> Tensor:
-        """[1, C, size, size, size] with ``background`` [C] where no row lies."""
+    def _inside(self, origin: Sequence[int], size: int) -> tuple[Tensor, Tensor]:
         lo = torch.tensor(origin, dtype=torch.int32, device=self.xyz.device)
         local = self.xyz - lo
-        inside = ((local >= 0) & (local < size)).all(dim=1)
+        return local, ((local >= 0) & (local < size)).all(dim=1)
+
+    def counts(self, origins: Sequence[Sequence[int]], size: int) -> list[int]:
+        """Number of rows inside each box (one host synchronisation for all boxes)."""
+        if not origins:
+            return []
+        return torch.stack([self._inside(origin, size)[1].sum() for origin in origins]).tolist()
+
+    def densify(self, origin: Sequence[int], size: int, background: Tensor, out_dtype,
+                memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
+        """[1, C, size, size, size] with ``background`` [C] where no row lies, in ``memory_format``
+        (contiguous or channels_last_3d)."""
+        local, inside = self._inside(origin, size)
         local = local[inside].long()
         channels = background.numel()
-        patch = background.to(out_dtype).view(channels, 1, 1, 1).expand(channels, size, size, size).clone()
+        fill = background.to(out_dtype)
+        if memory_format == torch.channels_last_3d:
+            patch = fill.view(1, 1, 1, channels).expand(size, size, size, channels).clone().permute(3, 0, 1, 2)
+        else:
+            patch = fill.view(channels, 1, 1, 1).expand(channels, size, size, size).clone()
         patch[:, local[:, 0], local[:, 1], local[:, 2]] = self.values[inside].to(out_dtype).T
         return patch.unsqueeze(0)
+
+
+class _DenseLayout:
+    """Memory layout of a dense refiner's activations.
+
+    ``channels_last`` None (default) means ``channels_last_3d`` on CUDA (cuDNN then runs its NDHWC
+    kernels without layout transposes) and plain contiguous elsewhere; True / False force it. The
+    conv weights are converted once, on the first patch that needs them in the other layout.
+    """
+
+    channels_last: Optional[bool] = None
+
+    def activation_format(self) -> torch.memory_format:
+        wanted = self.channels_last if self.channels_last is not None else self.conv_in.weight.is_cuda
+        return torch.channels_last_3d if wanted else torch.contiguous_format
+
+    def _prepare_layout(self) -> torch.memory_format:
+        fmt = self.activation_format()
+        probe = self.unet3d1.conv_in.weight  # more than one input channel: its layout is unambiguous
+        if not probe.is_contiguous(memory_format=fmt):
+            with torch.inference_mode(False), torch.no_grad():
+                self.to(memory_format=fmt)
+        return fmt
 
 
 # ----------------------------------------------------------------------------------------------------
 # 512 refiner
 # ----------------------------------------------------------------------------------------------------
-class Refiner512(nn.Module):
+class Refiner512(_DenseLayout, nn.Module):
     """Official ``Voxel_RefinerXL``: per patch, SDF conv + feature MLP -> UNet3D -> 3 adaptive blocks -> tanh."""
 
     def __init__(self, config: RefinerConfig = RefinerConfig()):
@@ -421,10 +518,13 @@ class Refiner512(nn.Module):
     def refine_embedded_patch(self, sdf_patch: Tensor, latent_patch: Tensor,
                               intermediates: Optional[dict] = None) -> Tensor:
         """Patch body after the feature MLP: ``latent_patch`` is the [B, 8, ...] MLP output."""
-        h = self.conv_in(sdf_patch.to(self.compute_dtype))
+        fmt = self._prepare_layout()
+        h = self.conv_in(sdf_patch.to(self.compute_dtype).contiguous(memory_format=fmt))
         if intermediates is not None:
             intermediates["conv_in"] = h
         x = torch.cat([h, latent_patch.to(self.compute_dtype)], dim=1)
+        if not x.is_contiguous(memory_format=fmt):
+            x = x.contiguous(memory_format=fmt)
         del h
         unet_out = self.unet3d1(x)
         del x
@@ -487,11 +587,19 @@ class Refiner512(nn.Module):
 
         volume = torch.zeros((resolution,) * 3, dtype=torch.float32, device=device)
         boxes = list(itertools.product(range(len(origins)), repeat=3))
-        for n, (i, j, k) in enumerate(boxes):
-            origin = (origins[i], origins[j], origins[k])
-            patch = source.densify(origin, patch_size, background, dtype)
-            refined = self.refine_embedded_patch(patch[:, :1], patch[:, 1:])[0, 0]
-            del patch
+        box_origins = [(origins[i], origins[j], origins[k]) for i, j, k in boxes]
+        occupied = source.counts(box_origins, patch_size)
+        fmt = self.activation_format()
+        empty_result = None  # a patch without rows is all background: its output is computed once
+        for n, ((i, j, k), origin) in enumerate(zip(boxes, box_origins)):
+            if occupied[n] == 0 and empty_result is not None:
+                refined = empty_result
+            else:
+                patch = source.densify(origin, patch_size, background, dtype, fmt)
+                refined = self.refine_embedded_patch(patch[:, :1], patch[:, 1:])[0, 0]
+                del patch
+                if occupied[n] == 0:
+                    empty_result = refined
             blend = weights[i].view(-1, 1, 1) * weights[j].view(1, -1, 1) * weights[k].view(1, 1, -1)
             region = volume[origin[0]:origin[0] + patch_size, origin[1]:origin[1] + patch_size,
                             origin[2]:origin[2] + patch_size]
@@ -580,7 +688,7 @@ class SignField:
         return torch.cat(found) if found else torch.zeros(0, 3, dtype=torch.long, device=grid.device)
 
 
-class SignRefiner1024(nn.Module):
+class SignRefiner1024(_DenseLayout, nn.Module):
     """Official ``Voxel_RefinerXL_sign``: conv_in -> UNet3D -> conv_out = logits; sign = sigmoid >= 0.5."""
 
     def __init__(self, config: RefinerConfig = RefinerConfig(sign=True, patch_size=256, patch_stride=128)):
@@ -600,7 +708,8 @@ class SignRefiner1024(nn.Module):
 
     def sign_logits_patch(self, sdf_patch: Tensor, intermediates: Optional[dict] = None) -> Tensor:
         """[B, 1, D, H, W] SDF at 512^3 -> logits [B, 1, D, H, W]."""
-        h = self.conv_in(sdf_patch.to(self.compute_dtype))
+        fmt = self._prepare_layout()
+        h = self.conv_in(sdf_patch.to(self.compute_dtype).contiguous(memory_format=fmt))
         if intermediates is not None:
             intermediates["conv_in"] = h
         u = self.unet3d1(h)
@@ -663,13 +772,22 @@ class SignRefiner1024(nn.Module):
 
         grid = torch.zeros((half,) * 3, dtype=torch.bool, device=device)
         boxes = list(itertools.product(range(len(origins)), repeat=3))
-        for n, (i, j, k) in enumerate(boxes):
-            x0, y0, z0 = origins[i], origins[j], origins[k]
-            patch = source.densify((x0, y0, z0), patch_size, background, dtype)
-            logits = self.sign_logits_patch(patch)
-            del patch
-            grid[x0:x0 + patch_size, y0:y0 + patch_size, z0:z0 + patch_size] = self.positive_sign(logits)[0, 0]
-            del logits
+        box_origins = [(origins[i], origins[j], origins[k]) for i, j, k in boxes]
+        occupied = source.counts(box_origins, patch_size)
+        fmt = self.activation_format()
+        empty_sign = None  # a patch without rows is all background: its signs are computed once
+        for n, (x0, y0, z0) in enumerate(box_origins):
+            if occupied[n] == 0 and empty_sign is not None:
+                positive = empty_sign
+            else:
+                patch = source.densify((x0, y0, z0), patch_size, background, dtype, fmt)
+                logits = self.sign_logits_patch(patch)
+                del patch
+                positive = self.positive_sign(logits)[0, 0]
+                del logits
+                if occupied[n] == 0:
+                    empty_sign = positive
+            grid[x0:x0 + patch_size, y0:y0 + patch_size, z0:z0 + patch_size] = positive
             if progress is not None:
                 progress(n + 1, len(boxes))
         return grid
