@@ -9,6 +9,11 @@ Implementation: segments are cut into work items (long query segments are split 
 which is exact because query rows are independent), grouped by similar padded length, gathered into
 padded batches and run through `torch.nn.functional.scaled_dot_product_attention` with a key-padding
 mask (omitted when no key padding is needed). Batches are sized so that their memory stays bounded.
+Self-attention plans (identical query and key segments, e.g. windows) use few groups: the padded
+lengths are chosen to minimise the padded work with at most `_MAX_SELF_GROUPS` groups.
+Grouped-query attention folds the query heads of a KV head into the query sequence, so no key is
+repeated. Everything data-dependent is decided when the plan is built; running a plan performs no
+host-device synchronisation (only gathers, SDPA and an `index_copy_` with precomputed indices).
 
 `window_partition` / `windowed_attention` implement the (shifted) window attention of the sparse VAE
 and the sparse DiT window branch: voxel (x, y, z) belongs to window ((x, y, z) + shift) // window of its
@@ -28,8 +33,13 @@ from .tensor import SparseVoxels, linearize_coords
 # Upper bound on the elements of one padded batch's score matrix (S * Hq * Pq * Pk) and of its gathered
 # q/k/v tensors; keeps CPU runs (which materialise scores) and GPU runs memory-bounded.
 _BATCH_ELEMENT_BUDGET = 1 << 26
+# Same bound for CUDA, where the fused SDPA kernels never materialise scores: it only counts the gathered
+# q/k/v/output elements of one call.
+_CUDA_GATHER_BUDGET = 1 << 28
 # Longest query piece a segment is split into.
 _MAX_QUERY_PIECE = 8192
+# Most padded groups of a self-attention plan (fewer, larger SDPA calls).
+_MAX_SELF_GROUPS = 4
 
 
 def _round_up_length(lengths: Tensor) -> Tensor:
@@ -48,10 +58,20 @@ class PaddedGroup:
     k_rows: Tensor             # int64 [S, Pk]
     q_valid: Tensor            # bool [S, Pq]: real (not padding) query positions
     k_valid: Tensor | None     # bool [S, Pk], or None when no item needs key padding
+    # output row of each padded query position for a given output row count T: the query row, or the
+    # scratch row T for padding (memoised per T; built without host synchronisation)
+    _destinations: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_items(self) -> int:
         return self.q_rows.shape[0]
+
+    def destinations(self, num_rows: int) -> Tensor:
+        dest = self._destinations.get(num_rows)
+        if dest is None:
+            dest = torch.where(self.q_valid, self.q_rows, torch.full_like(self.q_rows, num_rows))
+            self._destinations[num_rows] = dest
+        return dest
 
 
 @dataclass
@@ -90,9 +110,13 @@ def build_attention_plan(cu_q: Tensor, cu_k: Tensor, max_query_piece: int | None
         piece_len = torch.minimum(q_len[seg] - piece_idx * max_query_piece,
                                   torch.full_like(piece_idx, max_query_piece))
         q_start, q_len, k_start, k_len = piece_start, piece_len, k_start[seg], k_len[seg]
-    q_bucket = _round_up_length(q_len)
-    k_bucket = _round_up_length(k_len)
-    bucket_key = q_bucket * (int(k_bucket.max()) + 1) + k_bucket
+    if torch.equal(q_start, k_start) and torch.equal(q_len, k_len):
+        # self-attention (windows): few groups, padded lengths chosen to minimise the padded work
+        bucket_key = _self_attention_buckets(q_len, _MAX_SELF_GROUPS)
+    else:
+        q_bucket = _round_up_length(q_len)
+        k_bucket = _round_up_length(k_len)
+        bucket_key = q_bucket * (int(k_bucket.max()) + 1) + k_bucket
     unique_keys, group_of_item = torch.unique(bucket_key, return_inverse=True)
     order = torch.argsort(group_of_item, stable=True)
     sizes = torch.bincount(group_of_item, minlength=unique_keys.numel()).tolist()
@@ -102,6 +126,44 @@ def build_attention_plan(cu_q: Tensor, cu_k: Tensor, max_query_piece: int | None
         first += size
         plan.groups.append(_pad_items(q_start[items], q_len[items], k_start[items], k_len[items], row_map))
     return plan
+
+
+def _self_attention_buckets(lengths: Tensor, max_groups: int) -> Tensor:
+    """Group id (ascending with length) of each item so that at most `max_groups` groups minimise the
+    padded attention work sum(items * padded_length^2) (exact dynamic programme over distinct lengths)."""
+    lengths_cpu = lengths.cpu()
+    if torch.unique(lengths_cpu).numel() > 512:   # keep the O(distinct^2) tables small
+        lengths_cpu = _round_up_length(lengths_cpu)
+    values, inverse, counts = torch.unique(lengths_cpu, return_inverse=True, return_counts=True)
+    lens = values.double()
+    num = lens.numel()
+    groups = min(max_groups, num)
+    prefix = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(counts.double(), 0)])
+    # cost[i, j]: items with the distinct lengths i..j padded to lens[j] (inf where i > j)
+    items = prefix[1:][None, :] - prefix[:-1][:, None]
+    cost = torch.where(items > 0, items * lens[None, :] ** 2, torch.full_like(items, float("inf")))
+    best = cost[0].clone()                         # best[j]: lengths 0..j in one group
+    choice = [torch.zeros(num, dtype=torch.long)]  # start index of the last group, per group count
+    for _ in range(1, groups):
+        # best over splits: lengths 0..i-1 in g groups, i..j in one more
+        candidate = torch.cat([torch.full((1, num), float("inf"), dtype=torch.float64),
+                               best[:-1, None] + cost[1:]], dim=0)
+        candidate = torch.minimum(candidate, torch.cat([cost[:1], torch.full((num - 1, num), float("inf"),
+                                                                             dtype=torch.float64)]))
+        best, start = candidate.min(dim=0)
+        choice.append(start)
+    # walk back from the last distinct length with the full number of groups
+    boundaries, j = [], num - 1
+    for level in range(groups - 1, -1, -1):
+        start = int(choice[level][j])
+        boundaries.append(start)
+        j = start - 1
+        if j < 0:
+            break
+    group_of_length = torch.zeros(num, dtype=torch.long)
+    for start in sorted(boundaries)[1:]:
+        group_of_length[start:] += 1
+    return group_of_length[inverse].to(lengths.device)
 
 
 def _pad_items(q_start: Tensor, q_len: Tensor, k_start: Tensor, k_len: Tensor,
@@ -123,39 +185,41 @@ def _pad_items(q_start: Tensor, q_len: Tensor, k_start: Tensor, k_len: Tensor,
 
 def _attend_group(q: Tensor, k: Tensor, v: Tensor, out: Tensor, group: PaddedGroup,
                   scale: float | None) -> None:
+    """Attend one padded group and write its query rows of `out` ([T+1, Hq, D], row T is scratch)."""
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k.shape[1]
+    heads_per_kv = num_q_heads // num_kv_heads
     pq, pk = group.q_rows.shape[1], group.k_rows.shape[1]
-    per_item = num_q_heads * pq * max(pk, head_dim) + 3 * pk * num_q_heads * head_dim
-    items_per_batch = max(1, _BATCH_ELEMENT_BUDGET // per_item)
-    gqa = num_q_heads != num_kv_heads
+    if q.is_cuda:   # fused kernels: only the gathered tensors take memory
+        per_item = 2 * num_q_heads * pq * head_dim + 2 * pk * num_kv_heads * head_dim
+        items_per_batch = max(1, _CUDA_GATHER_BUDGET // per_item)
+    else:
+        per_item = num_q_heads * pq * max(pk, head_dim) + 3 * pk * num_q_heads * head_dim
+        items_per_batch = max(1, _BATCH_ELEMENT_BUDGET // per_item)
+    dest = group.destinations(out.shape[0] - 1)
     for first in range(0, group.num_items, items_per_batch):
         sl = slice(first, first + items_per_batch)
-        q_rows, k_rows, q_valid = group.q_rows[sl], group.k_rows[sl], group.q_valid[sl]
-        qb = q[q_rows].permute(0, 2, 1, 3)                             # [S, Hq, Pq, D]
-        kb = k[k_rows].permute(0, 2, 1, 3)                             # [S, Hkv, Pk, D]
-        vb = v[k_rows].permute(0, 2, 1, 3)
+        q_rows, k_rows = group.q_rows[sl], group.k_rows[sl]
+        items = q_rows.shape[0]
+        # [S, Pq, Hkv, G, D] -> [S, Hkv, Pq*G, D]: the G query heads of a KV head are extra query rows
+        qb = q[q_rows].view(items, pq, num_kv_heads, heads_per_kv, head_dim).transpose(1, 2)
+        qb = qb.reshape(items, num_kv_heads, pq * heads_per_kv, head_dim)
+        kb = k[k_rows].transpose(1, 2)                                 # [S, Hkv, Pk, D]
+        vb = v[k_rows].transpose(1, 2)
         mask = None if group.k_valid is None else group.k_valid[sl][:, None, None, :]
-        use_gqa = gqa
-        if gqa and q.is_cuda and mask is not None:
-            # fused CUDA kernels may not combine GQA with a mask; repeat the kv heads explicitly so
-            # SDPA can still pick the memory-efficient kernel instead of the score-materialising one
-            repeat = num_q_heads // num_kv_heads
-            kb, vb = kb.repeat_interleave(repeat, dim=1), vb.repeat_interleave(repeat, dim=1)
-            use_gqa = False
-        ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=use_gqa)
-        ob = ob.permute(0, 2, 1, 3)                                    # [S, Pq, Hq, D]
-        out[q_rows[q_valid]] = ob[q_valid]
+        ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
+        ob = ob.view(items, num_kv_heads, pq, num_q_heads // num_kv_heads, head_dim).transpose(1, 2)
+        out.index_copy_(0, dest[sl].reshape(-1), ob.reshape(items * pq, num_q_heads, head_dim))
 
 
 def run_attention_plan(q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan,
                        scale: float | None = None) -> Tensor:
     """Execute a plan built by `build_attention_plan` (rows not covered by any segment get zeros)."""
     _check_heads(q, k, v)
-    out = torch.zeros_like(q)
+    out = q.new_zeros(q.shape[0] + 1, *q.shape[1:])   # last row: scratch for padded query positions
     for group in plan.groups:
         _attend_group(q, k, v, out, group, scale=scale)
-    return out
+    return out[:q.shape[0]]
 
 
 def _check_heads(q: Tensor, k: Tensor, v: Tensor) -> None:
