@@ -4,6 +4,7 @@ searchable with F3."""
 from pathlib import Path
 
 import bpy
+import bpy.utils.previews
 
 from .session import session
 
@@ -11,29 +12,33 @@ TAB = "Image to 3D"
 _previews = None
 
 
-def _preview_icon(path: str) -> int:
-    """Icon id of a file preview (0 when it cannot be shown)."""
+def load_preview(path: str):
+    """The ImagePreview of an image file (cached per file version), or None."""
     global _previews
     if not path:
-        return 0
+        return None
     absolute = Path(bpy.path.abspath(path))
     try:
         modified = absolute.stat().st_mtime_ns
     except OSError:
-        return 0
+        return None
     if not absolute.is_file():
-        return 0
+        return None
     if _previews is None:
-        import bpy.utils.previews
-
         _previews = bpy.utils.previews.new()
     key = f"{absolute}|{modified}"  # a file replaced on disk gets a fresh preview
     if key not in _previews:
         try:
             _previews.load(key, str(absolute), "IMAGE")
-        except (KeyError, RuntimeError):
-            return 0
-    return _previews[key].icon_id
+        except Exception:  # noqa: BLE001 - a preview must never break the panel
+            return None
+    return _previews[key]
+
+
+def _preview_icon(path: str) -> int:
+    """Icon id of a file preview; 0 when there is none (also always 0 without a UI)."""
+    preview = load_preview(path)
+    return preview.icon_id if preview is not None else 0
 
 
 class D3D_PT_main(bpy.types.Panel):

@@ -281,7 +281,104 @@ def scenario_orient(config: dict) -> dict:
     return facts
 
 
-SCENARIOS = {"install": scenario_install, "generate": scenario_generate, "modal": scenario_modal,
+class CheckingLayout:
+    """Stands in for UILayout in panel draw(): records what is drawn and checks that every
+    property and operator it names exists."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def _sub(self, *args, **kwargs):
+        return CheckingLayout(self.log)
+
+    row = column = box = split = _sub
+
+    def prop(self, data, name, **_):
+        if not hasattr(data, name) or name not in data.bl_rna.properties:
+            raise AssertionError(f"draw() shows missing property {name!r}")
+        self.log.append(f"prop:{name}")
+
+    def operator(self, idname, **_):
+        category, name = idname.split(".")
+        if not hasattr(getattr(bpy.ops, category), name):
+            raise AssertionError(f"draw() shows missing operator {idname!r}")
+        self.log.append(f"op:{idname}")
+
+    def label(self, text="", **_):
+        self.log.append(f"label:{text}")
+
+    def progress(self, factor=0.0, type="BAR", text=""):
+        self.log.append(f"progress:{factor:.2f}:{text}")
+
+    def template_ID_preview(self, data, name, **_):
+        self.prop(data, name)
+        self.log.append("preview:datablock")
+
+    def template_icon(self, icon_value=0, **_):
+        self.log.append("preview:file")
+
+    def menu(self, idname, **_):
+        self.log.append(f"menu:{idname}")
+
+    def separator(self, **_):
+        pass
+
+    def __setattr__(self, name, value):  # use_property_split, active, alert, ...
+        object.__setattr__(self, name, value)
+
+
+def scenario_draw(config: dict) -> dict:
+    install(config["zip"])
+    context = bpy.context
+    settings = context.scene.d3d_settings
+    state = context.window_manager.d3d_job
+    drawn = {}
+
+    def draw(panel_name, key):
+        log = []
+        holder = type("Holder", (), {})()
+        holder.layout = CheckingLayout(log)
+        getattr(bpy.types, panel_name).draw(holder, context)
+        drawn[key] = log
+
+    settings.image_path = config["image"]
+    draw("D3D_PT_main", "idle_file")
+    # Without a UI icons get no id, so check the preview itself was loaded from the file.
+    from importlib import import_module
+
+    preview = import_module(f"{MODULE}.ui").load_preview(config["image"])
+    drawn["file_preview_size"] = list(preview.image_size) if preview is not None else None
+    settings.image_source = "DATABLOCK"
+    state.last_error = "The GPU ran out of memory. Try memory mode 'sequential', resolution 512, or close other programs."
+    draw("D3D_PT_main", "idle_datablock_error")
+    state.running, state.progress, state.status = True, 0.4, "Coarse shape: step 20/50"
+    draw("D3D_PT_main", "running")
+    for mode in ("NONE", "VOXEL", "QUADRIFLOW"):
+        settings.remesh = mode
+        draw("D3D_PT_placement", f"placement_{mode}")
+    draw("D3D_PT_advanced", "advanced")
+    prefs = context.preferences.addons[MODULE].preferences
+    log = []
+    holder = type("Holder", (), {})()
+    holder.layout = CheckingLayout(log)
+    state.engine_report = "torch 2.13 (no CUDA build); GPU available: no\nWeights not ready: missing: config.yaml"
+    type(prefs).draw(_PrefsProxy(prefs, holder.layout), context)
+    drawn["preferences"] = log
+    return {"drawn": drawn}
+
+
+class _PrefsProxy:
+    """The preferences object with a recording layout (the real one has no layout headless)."""
+
+    def __init__(self, prefs, layout):
+        object.__setattr__(self, "_prefs", prefs)
+        object.__setattr__(self, "layout", layout)
+
+    def __getattr__(self, name):
+        return getattr(self._prefs, name)
+
+
+SCENARIOS = {"draw": scenario_draw, "install": scenario_install, "generate": scenario_generate, "modal": scenario_modal,
              "orient": scenario_orient}
 
 

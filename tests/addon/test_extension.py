@@ -54,3 +54,22 @@ def test_up_axis_rotations_are_proper_and_point_up(bpy_python, addon_zip, tmp_pa
     # With Blender's +Z up, the model's front (+Z in the engine frame) faces the -Y front view.
     assert facts["Z"]["front"] == [0, -1, 0]
     assert "Unknown up axis" in facts["bad_axis"]
+
+
+def test_panels_and_preferences_draw_existing_properties_and_operators(bpy_python, addon_zip, tmp_path):
+    image = REPO.parent / "shared" / "images" / "0.png"
+    facts = run_scenario(bpy_python, "draw", {"zip": str(addon_zip), "image": str(image)}, tmp_path / "home")
+    drawn = facts["drawn"]
+    assert "op:d3d.generate" in drawn["idle_file"] and "prop:image_path" in drawn["idle_file"]
+    if image.is_file():
+        assert drawn["file_preview_size"][0] > 0 and drawn["file_preview_size"][1] > 0
+    assert "preview:datablock" in drawn["idle_datablock_error"]
+    assert any(line.startswith("label:The GPU ran out") for line in drawn["idle_datablock_error"])
+    assert "progress:0.40:Coarse shape: step 20/50" in drawn["running"]
+    assert "op:d3d.cancel_generation" in drawn["running"] and "op:d3d.generate" not in drawn["running"]
+    assert "prop:voxel_size" in drawn["placement_VOXEL"] and "prop:quad_faces" in drawn["placement_QUADRIFLOW"]
+    assert "prop:voxel_size" not in drawn["placement_NONE"]
+    assert {"prop:dense_steps", "prop:sparse_1024_guidance"} <= set(drawn["advanced"])
+    assert {"prop:engine_python", "prop:weights_dir", "prop:device", "prop:memory_mode",
+            "op:d3d.check_engine"} <= set(drawn["preferences"])
+    assert "label:Weights not ready: missing: config.yaml" in drawn["preferences"]
