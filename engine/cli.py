@@ -245,9 +245,10 @@ def run_weights(args) -> int:
             print(f"DINOv2: {location.image_encoder}")
             if location.background_removal:
                 print(f"BiRefNet: {location.background_removal}")
-            return 0
-        location = resolve_weights(args.dir, args.version if args.dir is None else None, cache_dir=args.cache_dir,
-                                   offline=args.offline, download=False)
+        else:
+            location = resolve_weights(args.dir, args.version if args.dir is None else None,
+                                       cache_dir=args.cache_dir, offline=args.offline, download=False)
+        # after a download too: every file loads tensors-only with the expected keys and shapes
         reports = check_folder(location, version=args.version)
     except WeightsError as error:
         return _fail(str(error), 1)

@@ -345,8 +345,6 @@ class Direct3DS2Pipeline:
         resolution = LATENT_FACTOR * self.configs["sparse_dit_1024"].resolution
         clock.check_cancel()
         voxels = sdf.num_voxels
-        values = sdf.feats.reshape(-1).float()
-        points = sdf.coords[:, 1:].long()
         if remove_interior:
             with self._models_on_device("refiner_1024") as refiner:
                 field = refiner.sign_field(sdf.coords, sdf.feats, resolution=resolution,
@@ -357,6 +355,8 @@ class Direct3DS2Pipeline:
             vertices, faces = sparse_marching_cubes(band_points, band_values, MC_LEVEL_1024, resolution,
                                                     background=field, candidate_cells=cells)
         else:
+            # official sparse2mesh: decoded values over a background of 1.0 (duplicates: last write wins)
+            points, values = sdf.coords[:, 1:], sdf.feats.reshape(-1)
             del sdf
             vertices, faces = sparse_marching_cubes(points, values, MC_LEVEL_1024, resolution, background=1.0)
         return vertices, faces, resolution, voxels
