@@ -271,7 +271,12 @@ def check_weights(weights_dir: str | None, allow_download: bool = False) -> dict
         return report
     report["complete"] = True
     report["dir"] = str(location.folder)
-    report["version"] = location.version
+    version = location.version
+    if version is None:  # a folder given by path: the official subfolder name tells the release
+        for release, subfolder in getattr(engine_weights, "SUBFOLDERS", {}).items():
+            if Path(location.folder).name == subfolder:
+                version = release
+    report["version"] = version
     report["image_encoder"] = str(location.image_encoder) if location.image_encoder else None
     return report
 

@@ -31,7 +31,8 @@ def test_batch_over_a_folder(bpy_python, addon_zip, engine, tmp_path):
     command = [bpy_python, str(REPO / "examples" / "batch_generate.py"), "--images", str(folder),
                "--addon-zip", str(addon_zip), "--engine-python", ENGINE_PYTHON, "--engine-path", str(REPO),
                "--device", "cpu", "--dtype", "float32", "--resolution", str(quick["resolution"]),
-               "--steps", "2", "--target-faces", "0", "--height", "1.0", "--save", str(blend)]
+               "--steps", "2", "--target-faces", "0", "--height", "1.0", "--save", str(blend),
+               "--export-dir", str(tmp_path / "meshes")]
     if engine.weights_dir:
         command += ["--weights", engine.weights_dir]
     completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
@@ -41,6 +42,8 @@ def test_batch_over_a_folder(bpy_python, addon_zip, engine, tmp_path):
     assert "failed: c_broken.png:" in output
     assert "a_vase:" in output and "b_chair:" in output
     assert blend.is_file() and blend.stat().st_size > 0
+    exported = sorted(p.name for p in (tmp_path / "meshes").glob("*.glb"))
+    assert exported == ["a_vase.glb", "b_chair.glb"]
 
 
 def test_batch_rejects_a_missing_folder(bpy_python, tmp_path):
