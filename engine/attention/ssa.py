@@ -22,7 +22,7 @@ Grouped-query attention: with Hq query heads and Hkv KV heads, query heads
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -193,6 +193,8 @@ class BlockLayout:
     block_keys: Tensor       # int64 [num_blocks]: linearised block coordinates, ascending
     num_blocks: int
     max_block_len: int
+    max_comp_per_block: int = 1          # most compressed tokens in one selection block
+    kernel_aux: dict = field(default_factory=dict, repr=False)   # per-backend precomputed tensors
 
 
 @dataclass
@@ -287,8 +289,9 @@ def _block_layout(xyz: Tensor, comp_block_xyz: Tensor, sbs: int, extent: int, de
     offsets = torch.zeros(block_keys.shape[0] + 1, dtype=torch.int32, device=device)
     offsets[1:] = torch.cumsum(counts, dim=0).to(torch.int32)
     comp_block_ids = torch.searchsorted(block_keys, _linear_key(comp_block_xyz, extent))
+    comp_per_block = torch.bincount(comp_block_ids, minlength=block_keys.shape[0])
     return BlockLayout(offsets, comp_block_ids.to(torch.int32), block_keys, int(block_keys.shape[0]),
-                       int(counts.max()))
+                       int(counts.max()), max(1, int(comp_per_block.max())))
 
 
 def ssa_layout(voxels, compression_block_size: int, selection_block_size: int) -> SSALayout:
@@ -497,27 +500,49 @@ class SpatialSparseAttention(nn.Module):
             return x.replace(out)
         return pack_rows(out, row_packing(voxels)) if x.dim() == 3 else out
 
+    def _qkv_weight(self, dtype: torch.dtype) -> Tensor:
+        """proj_q/k/v weights stacked for one GEMM; rebuilt only when a weight changes."""
+        weights = (self.proj_q.weight, self.proj_k.weight, self.proj_v.weight)
+        key = (dtype,) + tuple((w.data_ptr(), w._version, w.device) for w in weights)
+        cached = getattr(self, "_qkv_cache", None)
+        if cached is None or cached[0] != key or torch.is_grad_enabled():
+            stacked = torch.cat(weights).to(dtype)
+            if torch.is_grad_enabled():
+                return stacked
+            cached = (key, stacked)
+            self._qkv_cache = cached
+        return cached[1]
+
     def _attend(self, x: Tensor, voxels: SparseVoxels, block_topk) -> Tensor:
+        """The three branches and their gated sum. Nothing here reads tensor values on the host: the
+        coordinate bookkeeping is cached in `voxels.cache`, so a forward over cached coordinates is
+        free of host-device synchronisation (and can be captured in a CUDA graph)."""
         n_tokens = x.shape[0]
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         layout = ssa_layout(voxels, self.compression_block_size, self.selection_block_size)
-        weight = torch.cat([self.proj_q.weight, self.proj_k.weight, self.proj_v.weight]).to(x.dtype)
-        q, k, v = F.linear(x, weight).split([hq * d, hkv * d, hkv * d], dim=-1)
+        q, k, v = F.linear(x, self._qkv_weight(x.dtype)).split([hq * d, hkv * d, hkv * d], dim=-1)
 
-        # compressed keys/values (keys carry the learned position inside their compression block)
-        pe = self.intra_block_pe.reshape(-1, hkv * d)[layout.pe_index]
-        keys_with_pe = (k.float() + pe.float()).to(x.dtype)
+        # compressed keys/values (keys carry the learned position inside their compression block);
+        # the fp32 position table promotes the sum to fp32, rounded once to the compute dtype
+        pe = self.intra_block_pe.reshape(-1, hkv * d).index_select(0, layout.pe_index)
+        keys_with_pe = torch.add(k, pe).to(x.dtype)
         ck = self.compression_key(voxels.replace(keys_with_pe), layout).view(-1, hkv, d)
         cv = self.compression_value(voxels.replace(v.contiguous()), layout).view(-1, hkv, d)
         q, k, v = q.reshape(n_tokens, hq, d), k.reshape(n_tokens, hkv, d), v.reshape(n_tokens, hkv, d)
 
         ops = ssa_ops(self.backend, x.device)
-        compressed = torch.empty_like(q)
-        selected = torch.empty_like(q)
+        triton_ops = ops is not _TorchOps
+        partition = window_partition(voxels, self.window_size, self.shift_window)
+        windowed = getattr(ops, "windowed_attention", windowed_attention)(q, k, v, partition)
+        gates = self.gate(x).unsqueeze(-1).unsqueeze(-1)                     # [N, 3, 1, 1]
+        # gated sum written per batch-element group straight from the kernels' outputs (no copies back)
+        mixed = torch.empty_like(q)
+
         injected = [block_topk] if isinstance(block_topk, Tensor) else block_topk
         if injected is not None and len(injected) != len(layout.elements):
             raise ValueError(f"block_topk has {len(injected)} entries for {len(layout.elements)} batch elements")
         selections: list = [None] * len(layout.elements)
+        covered = 0
         for members in _elements_by_layout(layout):
             blocks = layout.elements[members[0]].blocks
             # Elements with identical coordinates run as one call with their heads side by side:
@@ -530,20 +555,30 @@ class SpatialSparseAttention(nn.Module):
             out_m, lse_m = ops.compressed_attention(q_m, ck_m, cv_m)
             given = [None if injected is None else injected[e] for e in members]
             if any(g is None for g in given):
-                natural = ops.select_blocks(q_m, ck_m, lse_m, blocks.comp_block_ids, blocks.num_blocks, self.topk)
+                extra = {}
+                if triton_ops and hasattr(ops, "block_members"):
+                    member_table = blocks.kernel_aux.get(("members", x.device))
+                    if member_table is None:
+                        member_table = ops.block_members(blocks.comp_block_ids.to(x.device), blocks.num_blocks,
+                                                         blocks.max_comp_per_block)
+                        blocks.kernel_aux[("members", x.device)] = member_table
+                    extra["members"] = member_table
+                natural = ops.select_blocks(q_m, ck_m, lse_m, blocks.comp_block_ids, blocks.num_blocks, self.topk,
+                                            **extra)
                 natural = natural.split(hkv, dim=0)
                 given = [natural[j] if g is None else g for j, g in enumerate(given)]
             given = [g.to(device=x.device, dtype=torch.int32) for g in given]
-            sel_m = ops.selection_attention(q_m, k_m, v_m, torch.cat(given, dim=0), blocks.block_offsets)
+            sel_m = ops.selection_attention(q_m, k_m, v_m, given[0] if len(given) == 1 else torch.cat(given, dim=0),
+                                            blocks.block_offsets)
             for j, (element, rows) in enumerate(zip(members, token_rows)):
-                compressed[rows] = out_m[:, j * hq:(j + 1) * hq]
-                selected[rows] = sel_m[:, j * hq:(j + 1) * hq]
+                heads = slice(j * hq, (j + 1) * hq)
+                target, g = mixed[rows], gates[rows]
+                torch.mul(out_m[:, heads], g[:, 0], out=target)
+                target.addcmul_(sel_m[:, heads], g[:, 1])
+                target.addcmul_(windowed[rows], g[:, 2])
+                covered += rows.stop - rows.start
                 selections[element] = given[j]
+        if covered != n_tokens:   # only empty batch elements are skipped; their rows are empty too
+            raise RuntimeError("SSA: token rows not covered by the batch elements")
         self.last_block_topk = [s for s in selections if s is not None] if self.record_selection else []
-
-        partition = window_partition(voxels, self.window_size, self.shift_window)
-        windowed = getattr(ops, "windowed_attention", windowed_attention)(q, k, v, partition)
-
-        gates = self.gate(x).float().unsqueeze(-1).unsqueeze(-1)             # [N, 3, 1, 1]
-        mixed = gates[:, 0] * compressed.float() + gates[:, 1] * selected.float() + gates[:, 2] * windowed.float()
-        return self.proj_o(mixed.reshape(n_tokens, hq * d).to(x.dtype))
+        return self.proj_o(mixed.reshape(n_tokens, hq * d))
