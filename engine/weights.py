@@ -405,8 +405,6 @@ def load_models(location: Union[WeightsLocation, str, Path], names: Sequence[str
     directly on ``device`` and filled from the memory-mapped checkpoint.
     """
     import time
-    from engine.models import build
-    from engine.models.dinov2 import hf_to_original_state_dict, is_hf_dinov2_layout, load_dinov2_state_dict
 
     start = time.perf_counter()
     if not isinstance(location, WeightsLocation):
@@ -417,6 +415,19 @@ def load_models(location: Union[WeightsLocation, str, Path], names: Sequence[str
         raise WeightsError(f"Unknown model name(s) {unknown}; expected some of {list(ALL_MODELS)}.")
     cache: dict = {}
     detected, configs, release = inspect_folder(location, check_version(version), cache)
+    # ordinary parameters even when called under torch.inference_mode (inference tensors have no
+    # version counter, which caches keyed on parameter versions rely on)
+    with torch.inference_mode(False):
+        models = _build_and_load(location, names, detected, configs, cache, device, dtype, image_encoder_dtype)
+    return LoadedModels(models=models, version=detected, release=release, configs=configs, location=location,
+                        seconds=time.perf_counter() - start)
+
+
+def _build_and_load(location: WeightsLocation, names, detected: str, configs: dict, cache: dict, device, dtype,
+                    image_encoder_dtype) -> dict:
+    from engine.models import build
+    from engine.models.dinov2 import hf_to_original_state_dict, is_hf_dinov2_layout, load_dinov2_state_dict
+
     models = {}
     for name in names:
         if name == "image_encoder":
@@ -446,8 +457,7 @@ def load_models(location: Union[WeightsLocation, str, Path], names: Sequence[str
         model = build(name, detected, device=device, dtype=dtype, config=configs[name])
         model.load_state_dict(state, strict=True)
         models[name] = model.eval()
-    return LoadedModels(models=models, version=detected, release=release, configs=configs, location=location,
-                        seconds=time.perf_counter() - start)
+    return models
 
 
 @dataclass

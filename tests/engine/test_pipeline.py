@@ -142,3 +142,58 @@ def test_bad_arguments_to_from_pretrained(tmp_path):
         Direct3DS2Pipeline.from_pretrained(cached_tiny_weights("v1.1"), device="cpu", memory_mode="lazy")
     with pytest.raises(ValueError, match="dtype"):
         Direct3DS2Pipeline.from_pretrained(cached_tiny_weights("v1.1"), device="cpu", dtype=torch.int8)
+
+
+@pytest.mark.parametrize("version", ["v1.0", "v1.1"])
+@torch.inference_mode()  # from_pretrained inside inference mode must still give ordinary parameters
+def test_batched_guidance_equals_two_official_passes(version, image_path):
+    """The sampler's single batch-of-2 forward gives the official cond and uncond velocities."""
+    from engine.sparse import SparseVoxels, sort_block_order
+    pipeline = Direct3DS2Pipeline.from_pretrained(cached_tiny_weights(version), device="cpu", dtype=torch.float32,
+                                                  offline=True)
+    image = preprocess_image(image_path)
+    context = pipeline._condition(image)
+    mask = image[None, 3:4]
+    t = torch.tensor([996.5])
+    generator = torch.Generator().manual_seed(0)
+
+    dit = pipeline.models["dense_dit"]
+    x = torch.randn((1, *dit.config.latent_shape), generator=generator)
+    pair = dit(torch.cat([x, x]), t, torch.cat([context, torch.zeros_like(context)]))
+    torch.testing.assert_close(pair[0:1], dit(x, t, context), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(pair[1:2], dit(x, t, torch.zeros_like(context)), rtol=1e-4, atol=1e-5)
+
+    xyz = torch.nonzero(torch.rand((4, 4, 4), generator=generator) < 0.5)
+    coords = torch.cat([torch.zeros_like(xyz[:, :1]), xyz], 1)
+    coords = coords[sort_block_order(coords)]
+    noise = torch.randn((coords.shape[0], 16), generator=generator)
+    calls = []
+    sparse_dit = pipeline.models["sparse_dit_512"]
+    original_forward = sparse_dit.forward
+
+    def recording_forward(x, t, cond, *args, **kwargs):
+        out = original_forward(x, t, cond, *args, **kwargs)
+        calls.append((x.batch_size, out.feats.clone()))
+        return out
+    sparse_dit.forward = recording_forward
+    clock = type("Clock", (), {"report": staticmethod(lambda *a: None), "should_cancel": None})()
+    from engine.sampling import make_generator
+    pipeline._sparse_stage("sparse_512", coords, context, mask, 1, 7.0, make_generator(0), clock)
+    sparse_dit.forward = original_forward
+    assert [batch for batch, _ in calls] == [2]
+    # recompute the official separate passes on the same noise
+    first_noise = torch.randn((coords.shape[0], 16), dtype=torch.float16,
+                              generator=torch.Generator().manual_seed(0)).float()
+    voxels = SparseVoxels(first_noise, coords.int())
+    if sparse_dit.config.sparse_conditions:
+        from engine.models.sparse_dit import sparse_condition_tokens
+        cond = sparse_condition_tokens(context, mask)
+        uncond = cond.replace(torch.zeros_like(cond.feats))
+    else:
+        cond, uncond = context, torch.zeros_like(context)
+    t_first = torch.tensor([1000.0])
+    v_cond = sparse_dit(voxels, t_first, cond).feats
+    v_uncond = sparse_dit(voxels, t_first, uncond).feats
+    batched = calls[0][1]
+    torch.testing.assert_close(batched[: coords.shape[0]], v_cond, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(batched[coords.shape[0]:], v_uncond, rtol=1e-4, atol=1e-5)
