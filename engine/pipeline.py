@@ -171,6 +171,14 @@ class _StageClock:
         self.check_cancel()
 
 
+def move_models(models, device: torch.device) -> None:
+    """``model.to(device)`` outside inference mode: moved inside it, parameters would become inference
+    tensors (no version counter), which breaks caches keyed on parameter versions in later calls."""
+    with torch.inference_mode(False), torch.no_grad():
+        for model in models:
+            model.to(device)
+
+
 class Direct3DS2Pipeline:
     """Image -> mesh with the Direct3D-S2 models (see the module docstring for the stages)."""
 
@@ -190,8 +198,7 @@ class Direct3DS2Pipeline:
         self.offline = offline
         self._background_remover = None
         self.storage_device = torch.device("cpu") if memory_mode == "sequential" else self.device
-        for model in self.models.values():
-            model.to(self.storage_device)
+        move_models(self.models.values(), self.storage_device)
 
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -235,14 +242,12 @@ class Direct3DS2Pipeline:
             raise RuntimeError(f"models {missing} are not loaded (was release() called?)")
         models = [self.models[n] for n in names]
         if self.storage_device != self.device:
-            for model in models:
-                model.to(self.device)
+            move_models(models, self.device)
         try:
             yield models if len(models) > 1 else models[0]
         finally:
             if self.storage_device != self.device:
-                for model in models:
-                    model.to(self.storage_device)
+                move_models(models, self.storage_device)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
 

@@ -197,3 +197,12 @@ def test_batched_guidance_equals_two_official_passes(version, image_path):
     batched = calls[0][1]
     torch.testing.assert_close(batched[: coords.shape[0]], v_cond, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(batched[coords.shape[0]:], v_uncond, rtol=1e-4, atol=1e-5)
+
+
+def test_sequential_moves_keep_ordinary_parameters():
+    """Stage moves happen inside generate's inference mode; parameters must not become inference tensors."""
+    from engine.pipeline import move_models
+    model = torch.nn.Linear(3, 3)
+    with torch.inference_mode():
+        move_models([model], torch.device("meta"))  # a real device change, available without a GPU
+    assert model.weight.device.type == "meta" and not model.weight.is_inference()
