@@ -200,3 +200,31 @@ def test_offline_missing_dinov2_is_named(tmp_path):
 def test_unknown_version_rejected():
     with pytest.raises(WeightsError, match="Unknown Direct3D-S2 version"):
         resolve_weights(None, "v2.0", offline=True)
+
+
+@pytest.mark.parametrize("version", ["v1.0", "v1.1"])
+def test_official_format_config_yaml_is_read_and_checked(tmp_path, manifest_dir, version):
+    """A config.yaml in the official format (params as in the released files, taken from the manifests'
+    constructor params) is recognised as the release; one contradicting the tensors is refused."""
+    import json
+    import yaml
+    tag = version.replace(".", "")
+    nodes = {}
+    for node in ("dense_vae", "dense_dit", "sparse_vae_512", "sparse_dit_512", "sparse_vae_1024",
+                 "sparse_dit_1024", "refiner", "refiner_1024"):
+        meta = json.loads((manifest_dir / f"{tag}_{node}.json").read_text())["meta"]
+        nodes[node] = {"target": meta["class"], "params": meta["params"]}
+    for node, shift in (("dense_scheduler", 6.0), ("sparse_scheduler_512", 6.0), ("sparse_scheduler_1024", 8.0)):
+        nodes[node] = {"target": "diffusers.schedulers.FlowMatchEulerDiscreteScheduler",
+                       "params": {"num_train_timesteps": 1000, "shift": shift}}
+    for node in ("dense_image_encoder", "sparse_image_encoder"):
+        nodes[node] = {"target": "direct3d_s2.models.conditioner.DinoEncoder",
+                       "params": {"model": "facebookresearch/dinov2", "version": "dinov2_vitl14_reg", "size": 518}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(nodes))
+    location = W.WeightsLocation(folder=tmp_path)
+    configs, release = W.read_folder_configs(location, version)
+    assert release == version
+    assert configs["sparse_scheduler_1024"].shift == 8.0
+    other = "v1.0" if version == "v1.1" else "v1.1"
+    with pytest.raises(WeightsError, match=f"describes release {version}"):
+        W.read_folder_configs(location, other)
