@@ -141,10 +141,12 @@ def _tiles(channels: int) -> tuple[int, int]:
 
 
 def group_norm_silu(x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, eps: float, *, silu: bool,
-                    out: Optional[Tensor] = None) -> Tensor:
+                    out: Optional[Tensor] = None, block_voxels: Optional[int] = None,
+                    block_tiles: Optional[int] = None) -> Tensor:
     """GroupNorm of ``x`` [B, C, D, H, W] with fp32 statistics, then SiLU when ``silu``.
 
-    ``out`` (default: a new tensor of ``x``'s layout) may be ``x`` itself.
+    ``out`` (default: a new tensor of ``x``'s layout) may be ``x`` itself. ``block_voxels`` /
+    ``block_tiles`` (powers of two) override the tile sizes (tests).
     """
     batch, channels = x.shape[:2]
     if channels % num_groups:
@@ -158,6 +160,7 @@ def group_norm_silu(x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, ep
     if x.numel() == 0:
         return out
     block_v, block_c = _tiles(channels)
+    block_v = block_voxels or block_v
     tiles = triton.cdiv(voxels, block_v)
     channel_blocks = triton.cdiv(channels, block_c)
     means = torch.empty(batch, tiles, channels, dtype=torch.float32, device=x.device)
@@ -169,7 +172,7 @@ def group_norm_silu(x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, ep
     scale = torch.empty(batch, channels, dtype=torch.float32, device=x.device)
     shift = torch.empty_like(scale)
     block_g = triton.next_power_of_2(per_group)
-    block_t = max(1, min(triton.next_power_of_2(tiles), 4096 // block_g))
+    block_t = block_tiles or max(1, min(triton.next_power_of_2(tiles), 4096 // block_g))
     _finalize[(batch, num_groups)](means, m2, weight, bias, scale, shift, voxels, channels, tiles, float(eps),
                                    PER_GROUP=per_group, BLOCK_G=block_g, BLOCK_V=block_v, BLOCK_T=block_t)
     _apply[(tiles, channel_blocks, batch)](x, out, scale, shift, voxels, channels,

@@ -1,0 +1,244 @@
+"""Triton kernels of the refiners (engine.kernels) against the PyTorch paths of engine.models.refiners.
+
+On CPU the kernels run through Triton's interpreter (TRITON_INTERPRET=1, set below before the kernel
+modules are imported or reloaded); on a CUDA machine the same tests run the compiled kernels.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+triton = pytest.importorskip("triton")
+
+from engine.models import refiners  # noqa: E402
+from engine.models.refiners import Refiner512, SignRefiner1024, kernel_backend  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CL = torch.channels_last_3d
+
+
+def _fix_interpreter_scalar_index():
+    """Triton 3.6's interpreter converts a scalar kernel argument used as a loop bound with
+    ``int(array)`` on a shape-[1] array, which numpy >= 2.4 rejects; take its single element instead."""
+    from triton.runtime import interpreter
+    current = interpreter._patch_lang_tensor
+    if getattr(current, "_takes_first_element", False):
+        return
+
+    def patch(tensor, scope):
+        current(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patch._takes_first_element = True
+    interpreter._patch_lang_tensor = patch
+
+
+def _kernel_modules():
+    """engine.kernels.{group_norm, adaptive_filter}, (re)loaded under the interpreter when on CPU."""
+    import engine.kernels.adaptive_filter as adaptive
+    import engine.kernels.group_norm as norm
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        _fix_interpreter_scalar_index()
+        from triton.runtime.interpreter import InterpretedFunction
+        if not isinstance(norm._apply, InterpretedFunction):
+            norm = importlib.reload(norm)
+        if not isinstance(adaptive._adaptive_filter_step_kernel, InterpretedFunction):
+            adaptive = importlib.reload(adaptive)
+    return norm, adaptive
+
+
+gn_kernels, af_kernels = _kernel_modules()
+
+
+def _layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=CL) if channels_last else x.contiguous()
+
+
+def _reference_group_norm(x, groups, weight, bias):
+    """GroupNorm evaluated in fp64 and rounded once to ``x``'s dtype."""
+    return F.group_norm(x.double(), groups, weight.double(), bias.double(), 1e-5).to(x.dtype)
+
+
+def _assert_one_rounding(out: torch.Tensor, expected: torch.Tensor, atol: float = 1e-5):
+    """Within one rounding step of ``expected`` (relative eps of the dtype), plus a small absolute
+    slack for fp32 differences that cross a rounding boundary of values near zero."""
+    rtol = torch.finfo(out.dtype).eps
+    torch.testing.assert_close(out.float(), expected.float(), rtol=rtol, atol=atol)
+
+
+# ------------------------------------------------------------------------------------------ group norm
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_kernel_matches_fp64_norm(dtype, channels_last):
+    gen = torch.Generator().manual_seed(0)
+    # offset channels (a large common mean tests the centred statistics), 3 channels per group
+    x = torch.randn(2, 12, 7, 6, 9, generator=gen) * 2 + 40 + torch.arange(12).view(1, 12, 1, 1, 1)
+    x = _layout(x.to(dtype), channels_last).to(DEVICE)
+    weight, bias = torch.randn(12, generator=gen).to(DEVICE), torch.randn(12, generator=gen).to(DEVICE)
+    fmt = CL if channels_last else torch.contiguous_format
+    # small tiles: several partial tiles (the last one short) and several finalize chunks
+    normed = gn_kernels.group_norm_silu(x, 4, weight, bias, 1e-5, silu=False, block_voxels=64, block_tiles=2)
+    assert normed.dtype == dtype and normed.is_contiguous(memory_format=fmt)
+    # fp32 statistics and affine: at most one rounding step away from the exact norm (fp32 itself
+    # loses about 50 x 2^-24 to the cancellation of the common offset 40..51 in x * scale + shift)
+    _assert_one_rounding(normed, _reference_group_norm(x, 4, weight, bias), atol=5e-5)
+    # the fused SiLU is F.silu on the rounded normalised value
+    fused = gn_kernels.group_norm_silu(x, 4, weight, bias, 1e-5, silu=True, block_voxels=64, block_tiles=2)
+    assert fused.is_contiguous(memory_format=fmt)
+    _assert_one_rounding(fused, F.silu(normed.float()).to(dtype))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_kernel_in_place_and_wide_channels(channels_last):
+    gen = torch.Generator().manual_seed(1)
+    # 80 channels: two channel blocks of 64 per program row, 20 channels per group (padded to 32)
+    x = _layout(torch.randn(1, 80, 4, 5, 6, generator=gen).half(), channels_last).to(DEVICE)
+    weight, bias = torch.randn(80, generator=gen).to(DEVICE), torch.randn(80, generator=gen).to(DEVICE)
+    expected = _reference_group_norm(x, 4, weight, bias)
+    source = x.clone()
+    out = gn_kernels.group_norm_silu(source, 4, weight, bias, 1e-5, silu=False, out=source)
+    assert out.data_ptr() == source.data_ptr()
+    _assert_one_rounding(out, expected)
+
+
+def test_group_norm_kernel_on_a_channel_slice_and_bad_layouts():
+    gen = torch.Generator().manual_seed(2)
+    # a channel slice of a channels_last buffer (voxel stride 9, as the 512 refiner's latent patch)
+    buffer = torch.randn(1, 9, 5, 4, 3, generator=gen).half().contiguous(memory_format=CL).to(DEVICE)
+    part = buffer[:, 1:]
+    assert gn_kernels.voxel_stride(part) == 9
+    weight, bias = torch.ones(8, device=DEVICE), torch.zeros(8, device=DEVICE)
+    out = gn_kernels.group_norm_silu(part, 4, weight, bias, 1e-5, silu=False)
+    _assert_one_rounding(out, _reference_group_norm(part, 4, weight, bias))
+    # spatial dims that do not flatten to one stride are refused (the caller falls back to PyTorch)
+    strided = torch.randn(1, 4, 6, 6, 6, device=DEVICE)[:, :, :, ::2]
+    assert gn_kernels.voxel_stride(strided) is None
+    with pytest.raises(ValueError):
+        gn_kernels.group_norm_silu(strided, 2, weight[:4], bias[:4], 1e-5, silu=False)
+    with pytest.raises(ValueError):
+        gn_kernels.group_norm_silu(part, 3, weight, bias, 1e-5, silu=False)
+
+
+def test_group_norm_dispatch_matches_the_chunked_torch_path():
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(1, 16, 6, 6, 6, generator=gen) * 3).half().to(DEVICE)
+    weight, bias = torch.randn(16, generator=gen).to(DEVICE), torch.randn(16, generator=gen).to(DEVICE)
+    with kernel_backend("torch"):
+        expected = refiners.group_norm_silu(x, 4, weight, bias, 1e-5, silu=True)
+    with kernel_backend("triton"):
+        source = x.clone()
+        out = refiners.group_norm_silu(source, 4, weight, bias, 1e-5, silu=True, inplace=True)
+    assert out.data_ptr() == source.data_ptr()
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2 * torch.finfo(torch.float16).eps, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------- adaptive filter
+@pytest.mark.parametrize("dtype, channels, channels_last", [
+    (torch.float32, 8, False), (torch.float16, 8, True), (torch.float16, 1, True), (torch.float32, 3, True),
+    (torch.float16, 3, False)])
+def test_adaptive_filter_kernel_matches_torch_path(dtype, channels, channels_last):
+    gen = torch.Generator().manual_seed(3)
+    shape = (2, channels, 6, 5, 7)
+    x = _layout(torch.randn(shape, generator=gen).to(dtype), channels_last).to(DEVICE)
+    # positive-leaning raw weights as the trained nets give, so filtered values stay O(1)
+    raw = _layout((torch.randn(2, 27, 6, 5, 7, generator=gen) + 1.0).to(dtype), channels_last).to(DEVICE)
+    raw_before = raw.clone()
+    with kernel_backend("torch"):
+        expected = refiners.adaptive_filter(x, raw.clone())
+    out = af_kernels.adaptive_filter(x, raw)
+    assert torch.equal(raw, raw_before), "the kernel must not normalise the weights in place"
+    assert out.dtype == dtype and out.shape == x.shape
+    assert out.is_contiguous(memory_format=CL if channels_last else torch.contiguous_format)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    else:  # same fp16 taps, fp32 sums in the same order: equal but for rare final-rounding ties
+        _assert_one_rounding(out, expected)
+        assert (out != expected).float().mean() < 0.01
+
+
+def test_adaptive_filter_kernel_small_programs_and_one_step():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 8, 5, 7, 6, generator=gen).to(DEVICE)
+    raw = torch.randn(1, 27, 5, 7, 6, generator=gen).to(DEVICE)
+    # one iteration against the zero-padded unfold definition, programs of 32 voxels (ragged last)
+    weights = raw / raw.abs().sum(1, keepdim=True)
+    cols = F.pad(x, (1, 1, 1, 1, 1, 1)).unfold(2, 3, 1).unfold(3, 3, 1).unfold(4, 3, 1)
+    expected = (cols.flatten(-3) * weights.permute(0, 2, 3, 4, 1).unsqueeze(1)).sum(-1)
+    out = af_kernels.adaptive_filter_step(x, raw, block_voxels=32)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError):
+        af_kernels.adaptive_filter_step(x, raw, out=x)
+    with pytest.raises(ValueError):
+        af_kernels.adaptive_filter_step(x, raw[:, :26])
+
+
+def test_torch_backend_dispatch():
+    x = torch.randn(1, 4, 3, 3, 3)
+    with kernel_backend("torch"):
+        assert refiners._triton_kernels(x) is None
+    with kernel_backend("triton"):
+        assert refiners._triton_kernels(x) is not None
+    with pytest.raises(ValueError):
+        refiners.set_kernel_backend("cuda")
+    assert refiners._kernel_backend == "auto"
+
+
+# ----------------------------------------------------------------------------- whole refiner patches
+def _fixture_model(fx, cls, sign, dtype):
+    from engine.configs import RefinerConfig
+    from engine.models import cast_compute_layers
+    params = fx["constructor_params"]
+    widths = tuple(params["unet3d1_replaced_by"]["params"]["block_out_channels"])
+    config = RefinerConfig(sign=sign, block_out_channels=widths, patch_size=params["official_constructor"]["patch_size"])
+    model = cls(config).eval()
+    model.load_state_dict(fx["state_dict"], strict=True)
+    return cast_compute_layers(model, dtype).to(DEVICE)
+
+
+def _within(ours, ref, tol):
+    d = ours.double().cpu().flatten() - ref.double().cpu().flatten()
+    rel = (d.norm() / ref.double().norm().clamp_min(1e-30)).item()
+    return rel <= tol["rel_l2"] and d.abs().max().item() <= tol["max_abs"], rel
+
+
+def test_refiner512_patch_with_kernels_and_channels_last(parity_fixture):
+    fx = parity_fixture("refiner512_patch.pt")
+    model = _fixture_model(fx, Refiner512, False, torch.float16)
+    sdf, feat = fx["inputs"]["sdf_patch"].to(DEVICE), fx["inputs"]["feat_patch"].to(DEVICE)
+    with torch.inference_mode():
+        with kernel_backend("torch"):
+            reference = model.refine_patch(sdf, feat)
+        model.channels_last = True
+        stages = {}
+        with kernel_backend("triton"):
+            out = model.refine_patch(sdf, feat, stages)
+    assert model.unet3d1.conv_in.weight.is_contiguous(memory_format=CL)
+    tol = fx["tolerance_per_output"]
+    ok, rel = _within(out, fx["outputs"]["out"], tol["out"])
+    assert ok, f"out rel_l2 {rel:.3g}"
+    for name in ("unet_out", "adaptive1", "adaptive3"):
+        ok, rel = _within(stages[name], fx["intermediates"][name], tol[name])
+        assert ok, f"{name} rel_l2 {rel:.3g}"
+    # and close to the PyTorch path (fp16 rounding differences only)
+    assert (out.float() - reference.float()).abs().max() < 2e-2
+
+
+def test_sign_refiner_patch_with_kernels_and_channels_last(parity_fixture):
+    fx = parity_fixture("refiner1024_patch.pt")
+    model = _fixture_model(fx, SignRefiner1024, True, torch.float16)
+    model.channels_last = True
+    with torch.inference_mode(), kernel_backend("triton"):
+        logits = model.sign_logits_patch(fx["inputs"]["sdf_patch"].to(DEVICE))
+    tol = fx["tolerance_per_output"]["logits"]
+    ok, rel = _within(logits, fx["outputs"]["logits"], tol)
+    assert ok, f"logits rel_l2 {rel:.3g}"
+    decided = fx["outputs"]["logits"].float().abs() > tol["max_abs"]
+    assert torch.equal(model.positive_sign(logits).cpu()[decided], (fx["outputs"]["sign"] > 0)[decided])
