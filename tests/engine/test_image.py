@@ -153,3 +153,30 @@ def test_bad_inputs(tmp_path, case):
         Image.new("1", (MAX_IMAGE_SIDE + 1, 16)).save(path)
     with pytest.raises(ImageError, match=expected):
         preprocess_image(path)
+
+
+def test_birefnet_remover_steps_with_a_stand_in_model():
+    """The BiRefNet wrapper's own steps (1024 resize, ImageNet normalisation, sigmoid of the last
+    output, 8-bit mask resized back) with a stand-in network: foreground where the input is red."""
+    from engine.image import BiRefNetBackgroundRemover
+
+    class RedDetector(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.tensor(20.0))
+
+        def forward(self, x):
+            assert x.shape == (1, 3, 1024, 1024)
+            red = x[:, 0:1] - x[:, 1:2]  # normalised red minus green
+            return [torch.zeros_like(red), self.scale * (red - 1.0)]
+
+    remover = object.__new__(BiRefNetBackgroundRemover)
+    remover.device = torch.device("cpu")
+    remover.model = RedDetector()
+    rgb = np.full((60, 90, 3), 255, np.uint8)
+    rgb[20:40, 30:60] = (230, 10, 10)
+    mask = np.asarray(remover(Image.fromarray(rgb, "RGB")))
+    assert mask.shape == (60, 90)
+    assert mask[30, 45] > 200 and mask[5, 5] < 30
+    image = preprocess_image(Image.fromarray(rgb, "RGB"), background_remover=remover)
+    assert image.shape == (4, IMAGE_SIZE, IMAGE_SIZE) and image[3].max() > 0.5

@@ -228,3 +228,41 @@ def test_official_format_config_yaml_is_read_and_checked(tmp_path, manifest_dir,
     other = "v1.0" if version == "v1.1" else "v1.1"
     with pytest.raises(WeightsError, match=f"describes release {version}"):
         W.read_folder_configs(location, other)
+
+
+def test_download_uses_allow_patterns_and_progress(tmp_path, monkeypatch):
+    """The download path with huggingface_hub replaced by a fake that fills the cache like the hub would."""
+    import huggingface_hub
+    tiny = cached_tiny_weights("v1.1")
+    calls = []
+    commit = "fedcba9876543210fedcba9876543210fedcba98"
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, cache_dir=None, tqdm_class=None, **kwargs):
+        calls.append((repo_id, list(allow_patterns), tqdm_class is not None))
+        repo = Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+        snapshot = repo / "snapshots" / commit
+        if repo_id == W.REPO_ID:
+            (snapshot / "direct3d-s2-v-1-1").mkdir(parents=True)
+            for name in CHECKPOINT_FILES + ("config.yaml",):
+                shutil.copy(tiny / name, snapshot / "direct3d-s2-v-1-1" / name)
+        else:
+            from safetensors.torch import save_file
+            from engine.models.dinov2 import original_to_hf_state_dict
+            snapshot.mkdir(parents=True)
+            original = torch.load(tiny / W.DINOV2_ORIGINAL_FILE, weights_only=True)
+            save_file({k: v.contiguous() for k, v in original_to_hf_state_dict(original).items()},
+                      str(snapshot / W.DINOV2_HF_FILE))
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    location = W.download_weights("v1.1", cache_dir=tmp_path / "hub")
+    assert calls == [(W.REPO_ID, ["direct3d-s2-v-1-1/*"], True),
+                     (W.DINOV2_REPO_ID, [W.DINOV2_HF_FILE, "config.json"], True)]
+    assert location.folder.name == "direct3d-s2-v-1-1" and location.image_encoder.is_file()
+    assert all(report.ok for report in check_folder(location))
+    # a second call finds everything in the cache and downloads nothing
+    W.download_weights("v1.1", cache_dir=tmp_path / "hub")
+    assert len(calls) == 2
