@@ -275,10 +275,15 @@ class Direct3DS2Pipeline:
         with self._models_on_device("dense_dit", "dense_vae") as (dit, vae):
             noise = initial_noise((1, *config.latent_shape), generator, self.dtype)
             guided_context = torch.cat([context, torch.zeros_like(context)])
+            # one CUDA-graph runner per batch size (eager on CPU or with pipeline.use_cuda_graphs = False)
+            from engine.sampling import CUDAGraphRunner
+            use_graphs = getattr(self, "use_cuda_graphs", True)
+            runners = {b: CUDAGraphRunner(lambda x, t, c=c: dit(x, t, c), enabled=use_graphs)
+                       for b, c in ((1, context), (2, guided_context))}
 
             def velocity(x, t):  # x [b, 1, C, R, R, R]
                 batch = x.shape[0]
-                out = dit(x.reshape(batch, *x.shape[2:]), t, guided_context if batch == 2 else context)
+                out = runners[batch](x.reshape(batch, *x.shape[2:]), t)
                 return out.reshape(x.shape)
 
             latents = sample(velocity, noise, schedule, settings.dense_guidance,
@@ -315,11 +320,16 @@ class Direct3DS2Pipeline:
                 cond_single = context
                 cond_pair = torch.cat([context, torch.zeros_like(context)])
 
+            # per batch size: the forward over the fixed token set, a CUDA graph replayed every step on
+            # CUDA after two eager warm-up steps (eager on CPU or with pipeline.use_cuda_graphs = False)
+            use_graphs = getattr(self, "use_cuda_graphs", True)
+            steppers = {1: dit.step_function(single, cond_single, use_cuda_graphs=use_graphs),
+                        2: dit.step_function(pair, cond_pair, use_cuda_graphs=use_graphs)}
+
             def velocity(x, t):  # x [b, N, C]
                 batch = x.shape[0]
-                template, cond = (pair, cond_pair) if batch == 2 else (single, cond_single)
-                out = dit(template.replace(x.reshape(batch * count, -1)), t, cond)
-                return out.feats.reshape(x.shape)
+                out = steppers[batch](x.reshape(batch * count, -1), t)
+                return out.reshape(x.shape)
 
             latents = sample(velocity, noise, schedule, guidance, on_step=clock.report,
                              should_cancel=clock.should_cancel)

@@ -21,6 +21,7 @@ token count, so it only matches when the earlier stages produced the same tokens
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
@@ -121,10 +122,13 @@ def sample(model_fn: ModelFn, noise: torch.Tensor, schedule: FlowSchedule, guida
     guided = guidance > 0
     latents = noise
     total = schedule.steps
+    # every step's network timestep moved to the device once (a per-step host->device copy would
+    # synchronise with the queued work); the values are those of `schedule.model_timestep(i)`
+    timesteps = schedule.timesteps.to(torch.float16).to(torch.float32).to(latents.device)
     for index in range(total):
         if should_cancel is not None and should_cancel():
             raise GenerationCancelled(f"cancelled before step {index + 1} of {total}")
-        t = schedule.model_timestep(index).to(latents.device)
+        t = timesteps[index:index + 1]
         batch = latents.unsqueeze(0).expand(2 if guided else 1, *latents.shape)
         output = model_fn(batch, t)
         if output.shape != batch.shape:
@@ -134,3 +138,127 @@ def sample(model_fn: ModelFn, noise: torch.Tensor, schedule: FlowSchedule, guida
         if on_step is not None:
             on_step(index + 1, total)
     return latents
+
+
+# ------------------------------------------------------------------------------------------ CUDA graphs
+def cuda_graphs_supported(*tensors: torch.Tensor) -> bool:
+    """Whether a forward over these inputs may be captured: all on one CUDA device, no autograd."""
+    if not tensors or not torch.cuda.is_available() or torch.is_grad_enabled():
+        return False
+    device = tensors[0].device
+    return device.type == "cuda" and all(t.device == device for t in tensors)
+
+
+class CUDAGraphRunner:
+    """Replays a captured `fn(*inputs) -> Tensor` for inputs of fixed shapes (a sampler's network call).
+
+    Calls 1 .. `warmup_calls` run `fn` eagerly (they fill the coordinate caches, autotune kernels and
+    pick cuDNN algorithms; their outputs are the real results); the last of them runs under
+    `torch.cuda.set_sync_debug_mode("error")`, so a forward that still reads device values on the
+    host is detected before any capture is attempted. The next call captures `fn` on static copies of
+    the inputs, and every call from then on copies its inputs into those buffers, replays the graph
+    and returns a copy of the static output. Any failure (a host synchronisation, a capture error)
+    turns the runner into a plain eager caller, with a warning. A new input signature (shapes, dtypes,
+    device) starts over. Off (plain calls) on CPU, under autograd, or with `enabled=False`.
+
+    `fn` must only depend on its tensor inputs and on state that stays fixed while the runner is used
+    (parameters, cached coordinate bookkeeping): the graph replays the captured kernels on the same
+    memory.
+    """
+
+    def __init__(self, fn: Callable[..., torch.Tensor], enabled: bool = True, warmup_calls: int = 2):
+        self.fn = fn
+        self.enabled = enabled
+        self.warmup_calls = max(1, int(warmup_calls))
+        self.failed: Optional[str] = None
+        self._reset(None)
+
+    def _reset(self, signature) -> None:
+        self.signature = signature
+        self.calls = 0
+        self.graph = None
+        self.static_inputs: list[torch.Tensor] = []
+        self.static_output: Optional[torch.Tensor] = None
+
+    @property
+    def captured(self) -> bool:
+        return self.graph is not None
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if not self.enabled or self.failed is not None or not cuda_graphs_supported(*inputs):
+            return self.fn(*inputs)
+        signature = tuple((tuple(t.shape), t.dtype, t.device) for t in inputs)
+        if signature != self.signature:
+            self._reset(signature)
+        if self.graph is not None:
+            return self._replay(inputs)
+        self.calls += 1
+        if self.calls < self.warmup_calls:
+            return self.fn(*inputs)
+        if self.calls == self.warmup_calls:
+            return self._checked_call(inputs)
+        if self._capture(inputs):
+            return self._replay(inputs)
+        return self.fn(*inputs)
+
+    def _disable(self, reason: str) -> None:
+        self.failed = reason
+        self.graph, self.static_inputs, self.static_output = None, [], None
+        warnings.warn(f"CUDA graphs disabled for this sampler: {reason}", RuntimeWarning, stacklevel=3)
+
+    def _side_stream(self, device: torch.device):
+        stream = getattr(self, "_stream", None)
+        if stream is None or stream.device != device:
+            stream = self._stream = torch.cuda.Stream(device)
+        return stream
+
+    def _checked_call(self, inputs) -> torch.Tensor:
+        """An eager call on the capture stream (as the capture will run) with host syncs as errors."""
+        device = inputs[0].device
+        main, side = torch.cuda.current_stream(device), self._side_stream(device)
+        side.wait_stream(main)
+        previous = torch.cuda.get_sync_debug_mode()
+        try:
+            with torch.cuda.stream(side):
+                torch.cuda.set_sync_debug_mode("error")
+                output = self.fn(*inputs)
+        except RuntimeError as error:
+            if "synchroniz" not in str(error).lower():
+                raise
+            torch.cuda.set_sync_debug_mode(previous)
+            main.wait_stream(side)
+            self._disable(f"the forward synchronises with the host ({error})")
+            return self.fn(*inputs)
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+        main.wait_stream(side)
+        if isinstance(output, torch.Tensor):
+            output.record_stream(main)
+        return output
+
+    def _capture(self, inputs) -> bool:
+        device = inputs[0].device
+        self.static_inputs = [t.detach().clone() for t in inputs]
+        graph = torch.cuda.CUDAGraph()
+        try:
+            torch.cuda.synchronize(device)
+            with torch.cuda.graph(graph, stream=self._side_stream(device)):
+                output = self.fn(*self.static_inputs)
+            if not isinstance(output, torch.Tensor):
+                raise TypeError(f"captured function returned {type(output).__name__}, not a Tensor")
+        except Exception as error:  # noqa: BLE001 - any capture problem means eager execution
+            try:
+                torch.cuda.synchronize(device)
+            except Exception:  # noqa: BLE001
+                pass
+            self._disable(f"capture failed ({type(error).__name__}: {error})")
+            return False
+        self.graph, self.static_output = graph, output
+        return True
+
+    def _replay(self, inputs) -> torch.Tensor:
+        for static, value in zip(self.static_inputs, inputs):
+            if static.data_ptr() != value.data_ptr():
+                static.copy_(value)
+        self.graph.replay()
+        return self.static_output.clone()

@@ -507,8 +507,8 @@ class SpatialSparseAttention(nn.Module):
         cached = getattr(self, "_qkv_cache", None)
         if cached is None or cached[0] != key or torch.is_grad_enabled():
             stacked = torch.cat(weights).to(dtype)
-            if torch.is_grad_enabled():
-                return stacked
+            if torch.is_grad_enabled() or (stacked.is_cuda and torch.cuda.is_current_stream_capturing()):
+                return stacked   # autograd needs the graph; a capture must not leave its memory in a cache
             cached = (key, stacked)
             self._qkv_cache = cached
         return cached[1]

@@ -115,9 +115,13 @@ class SparseDiT(nn.Module):
             context = pack_rows(feats, packing)
             if packing.flat_index is None:
                 return context
-            key_mask = torch.zeros(batch_size * packing.length, dtype=torch.bool, device=feats.device)
-            key_mask[packing.flat_index] = True
-            return context, key_mask.view(batch_size, packing.length)
+            key_mask = cond.cache.get("context_key_mask")
+            if key_mask is None:
+                key_mask = torch.zeros(batch_size * packing.length, dtype=torch.bool, device=feats.device)
+                key_mask.index_fill_(0, packing.flat_index, True)
+                key_mask = key_mask.view(batch_size, packing.length)
+                cond.cache["context_key_mask"] = key_mask
+            return context, key_mask
         if self.config.sparse_conditions:
             raise ValueError("this model (sparse_conditions=True) takes the condition tokens as SparseVoxels "
                              "(see sparse_condition_tokens)")
@@ -160,8 +164,25 @@ class SparseDiT(nn.Module):
             selection = None if block_topk is None else block_topk[index]
             h = block(h, t_emb, context, voxels=x, block_topk=selection)
         h = unpack_rows(h, packing)
-        h = F.layer_norm(h.float(), (h.shape[-1],), eps=1e-5).to(dtype)
+        # half inputs: the kernel accumulates in fp32 and rounds once (the fp32 round trip, in one pass)
+        h = (F.layer_norm(h, (h.shape[-1],), eps=1e-5) if h.dtype in (torch.float16, torch.bfloat16)
+             else F.layer_norm(h.float(), (h.shape[-1],), eps=1e-5).to(dtype))
         return x.replace(self.out_layer(h).to(x.dtype))
+
+    def step_function(self, template: SparseVoxels, cond, use_cuda_graphs: bool = True):
+        """The network call of a sampler over the fixed token set `template` and condition `cond`:
+        `fn(feats [N, in_channels], t [1] or [B]) -> velocity feats [N, out_channels]`.
+
+        Every call reuses `template`'s coordinate caches. On CUDA (and with `use_cuda_graphs`) the
+        forward is captured once as a CUDA graph after two eager warm-up calls and replayed for the
+        remaining steps (`engine.sampling.CUDAGraphRunner`); elsewhere it is a plain call.
+        """
+        from engine.sampling import CUDAGraphRunner
+
+        def forward(feats: Tensor, t: Tensor) -> Tensor:
+            return self(template.replace(feats), t, cond).feats
+
+        return CUDAGraphRunner(forward, enabled=use_cuda_graphs)
 
     def forward_with_guidance(self, x: SparseVoxels, t: Tensor, cond, uncond,
                               block_topk: Sequence | None = None) -> tuple[Tensor, Tensor]:
@@ -183,10 +204,17 @@ class SparseDiT(nn.Module):
             x.cache["guidance_batch"] = doubled
         batch = doubled.replace(torch.cat([x.feats, x.feats]))
         if isinstance(cond, SparseVoxels):
-            uncond_coords = uncond.coords.clone()
-            uncond_coords[:, 0] = 1
-            context = SparseVoxels(torch.cat([cond.feats, uncond.feats.to(cond.feats.dtype)]),
-                                   torch.cat([cond.coords, uncond_coords]))
+            # the two-element condition token set, kept with the pair of condition caches it joins
+            key = ("guidance_context", id(uncond.cache))
+            entry = cond.cache.get(key)
+            if entry is None or entry[0] is not uncond.cache:
+                uncond_coords = uncond.coords.clone()
+                uncond_coords[:, 0] = 1
+                template = SparseVoxels(cond.feats.new_zeros(cond.num_voxels + uncond.num_voxels, 0),
+                                        torch.cat([cond.coords, uncond_coords]))
+                entry = (uncond.cache, template)
+                cond.cache[key] = entry
+            context = entry[1].replace(torch.cat([cond.feats, uncond.feats.to(cond.feats.dtype)]))
         else:
             context = torch.cat([cond, uncond.to(cond.dtype)])
         out = self(batch, t, context, block_topk=block_topk).feats
