@@ -403,3 +403,57 @@ def test_sign_field_gives_the_mesh_of_the_dense_official_volume():
     # without the sign-change cells the band alone misses the sign field's surfaces
     _, band_only_faces = sparse_marching_cubes(points, values, 0.2, resolution, background=field)
     assert band_only_faces.shape[0] < faces.shape[0]
+
+
+# ----------------------------------------------------------------------- layouts and empty patches
+def _corner_band(resolution: int, gen):
+    """A small shell near the low corner: most patches of the volume hold no decoded voxel."""
+    axis = torch.arange(resolution, dtype=torch.float32)
+    x, y, z = torch.meshgrid(axis, axis, axis, indexing="ij")
+    distance = ((x - 3.2) ** 2 + (y - 2.7) ** 2 + (z - 3.5) ** 2).sqrt() - 2.2
+    band = distance.abs() < 1.2
+    return band.nonzero(), torch.tanh(distance[band] / 2) + 0.05 * torch.randn(int(band.sum()), generator=gen)
+
+
+def test_refiner512_empty_patches_run_once_and_layouts_agree(monkeypatch):
+    gen = torch.Generator().manual_seed(9)
+    resolution, patch, stride = 18, 8, 5
+    model = _reinit_(Refiner512(RefinerConfig(block_out_channels=VOLUME_TEST_WIDTHS)).eval(), seed=5)
+    xyz, sdf = _corner_band(resolution, gen)
+    feats = torch.randn(xyz.shape[0], 32, generator=gen)
+    calls = []
+    body = model.refine_embedded_patch
+    monkeypatch.setattr(model, "refine_embedded_patch", lambda *a, **k: calls.append(1) or body(*a, **k))
+    streamed = model.refine_volume(xyz, sdf, feats, resolution=resolution, patch_size=patch, stride=stride)
+    occupied = sum(((xyz >= o) & (xyz < o + patch)).all(1).any().item()
+                   for o in (torch.tensor(c) for c in itertools.product(range(0, 11, 5), repeat=3)))
+    assert 0 < occupied < 26 and len(calls) == occupied + 1  # occupied patches + one shared empty one
+    with torch.inference_mode():
+        patches = _official_patches(model, xyz, sdf, feats, resolution, patch, stride)
+    torch.testing.assert_close(streamed, _blend_official(patches, resolution, patch, stride), atol=2e-6, rtol=1e-5)
+    # channels_last_3d patches (the CUDA layout) give the same volume
+    model.channels_last = True
+    assert model.activation_format() == torch.channels_last_3d
+    channels_last = model.refine_volume(xyz, sdf, feats, resolution=resolution, patch_size=patch, stride=stride)
+    torch.testing.assert_close(channels_last, streamed, atol=1e-6, rtol=1e-5)
+    assert model.unet3d1.conv_in.weight.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def test_sign_refiner_empty_patches_run_once_and_layouts_agree(monkeypatch):
+    gen = torch.Generator().manual_seed(10)
+    resolution, patch, stride = 24, 8, 2
+    xyz, sdf = _corner_band(resolution, gen)
+    model = _calibrated_sign_refiner(xyz, sdf, resolution, patch, stride)
+    calls = []
+    body = model.sign_logits_patch
+    monkeypatch.setattr(model, "sign_logits_patch", lambda *a, **k: calls.append(1) or body(*a, **k))
+    grid = model.sign_grid(xyz, sdf, resolution=resolution, patch_size=patch, stride=stride)
+    parents = torch.unique(xyz // 2, dim=0)
+    occupied = sum(((parents >= o) & (parents < o + patch)).all(1).any().item()
+                   for o in (torch.tensor(c) for c in itertools.product(range(0, 5, 2), repeat=3)))
+    assert 0 < occupied < 26 and len(calls) == occupied + 1
+    with torch.inference_mode():
+        _, ref_sign, _ = _official_sign_volume(model, xyz, sdf, resolution, patch, stride)
+    assert torch.equal(grid, ref_sign > 0)
+    model.channels_last = True
+    assert torch.equal(model.sign_grid(xyz, sdf, resolution=resolution, patch_size=patch, stride=stride), grid)
