@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -207,7 +206,6 @@ def run_generate(args) -> int:
         return _fail(str(error), 2)
 
     bars = _ProgressBars(enabled=not args.quiet)
-    cancel = threading.Event()
     try:
         if not args.quiet:
             print(f"loading weights ({args.weights or 'release ' + (args.version or 'v1.1')}) on {device}, "
@@ -215,7 +213,7 @@ def run_generate(args) -> int:
         pipeline = Direct3DS2Pipeline.from_pretrained(
             args.weights, device=device, dtype=dtype, memory_mode=args.memory_mode, version=args.version,
             offline=args.offline, cache_dir=args.cache_dir, background_removal_dir=args.background_removal)
-        result = pipeline.generate(args.image, settings, on_progress=bars, should_cancel=cancel.is_set)
+        result = pipeline.generate(args.image, settings, on_progress=bars)  # Ctrl-C interrupts
         bars.close()
         export_mesh(result.mesh, output)
     except KeyboardInterrupt:

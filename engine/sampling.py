@@ -15,7 +15,8 @@ Random numbers: one ``torch.Generator`` on the sampling device, seeded once per 
 initial noise of every stage in order (dense, sparse 512, sparse 1024) with
 ``torch.randn(shape, dtype=float16)``, as the official pipeline does with the generator it is given. The
 noise is drawn in fp16 whatever the compute dtype and then cast, so a seed gives the same starting point
-in fp16, bf16 and fp32 runs. CPU and CUDA generators produce different streams for the same seed, so a
+in fp16, bf16 and fp32 runs (the official code draws in the pipeline dtype, so only its fp16 runs share
+our stream; fp16 is its default and only tested dtype). CPU and CUDA generators produce different streams for the same seed, so a
 seed reproduces an official run only on the same device type; and the sparse stages' noise depends on the
 token count, so it only matches when the earlier stages produced the same tokens.
 """
