@@ -1,0 +1,158 @@
+"""Time the two dense refiners at full size on the GPU (random weights, a sphere-shell band).
+
+* 512 refiner: ``Refiner512.refine_volume`` over 27 patches of 192^3 on a 512^3 band with 32-d features.
+* 1024 sign refiner: ``SignRefiner1024.sign_grid`` over 27 patches of 256^3 from a 1024^3 band.
+
+Each configuration is warmed up on one patch (cuDNN autotuning, Triton compilation), then timed
+over whole volumes; per-patch times come from a synchronising progress callback. With ``--compare``
+the PyTorch kernels in the contiguous layout (the CPU path) run too, and the table gives how far the
+fast path's output is from theirs. Prints one markdown table.
+
+    python bench/refiners.py [--version v1.1] [--repeats 2] [--compare] [--only refiner sign]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.models import build  # noqa: E402
+from engine.models.refiners import kernel_backend  # noqa: E402
+
+
+def shell_band(resolution: int, radius: float, half_width: float, device, slab: int = 64):
+    """Integer voxels within ``half_width`` of a sphere of ``radius`` (fractions of the grid) centred
+    slightly off the middle, and tanh SDF values; built slab by slab (no dense distance volume)."""
+    axis = torch.arange(resolution, device=device, dtype=torch.float32)
+    centre = torch.tensor([0.49, 0.51, 0.5], device=device) * resolution
+    r = radius * resolution
+    points, values = [], []
+    for x0 in range(0, resolution, slab):
+        x = axis[x0:x0 + slab].view(-1, 1, 1)
+        distance = ((x - centre[0]) ** 2 + (axis.view(1, -1, 1) - centre[1]) ** 2
+                    + (axis.view(1, 1, -1) - centre[2]) ** 2).sqrt() - r
+        band = distance.abs() < half_width
+        found = band.nonzero()
+        found[:, 0] += x0
+        points.append(found)
+        values.append(torch.tanh(-distance[band] / 4))
+    return torch.cat(points).int(), torch.cat(values)
+
+
+def timed_run(run, patches: int, repeats: int):
+    """(seconds per whole run (best), per-patch ms (median over patches of the best run), peak GiB, output)."""
+    best, best_patch, output = math.inf, [], None
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(repeats):
+        marks = []
+
+        def progress(done, total):
+            torch.cuda.synchronize()
+            marks.append(time.perf_counter())
+
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        output = run(progress)
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        if elapsed < best:
+            best = elapsed
+            best_patch = [1e3 * (b - a) for a, b in zip([start] + marks[:-1], marks)]
+    assert len(best_patch) == patches
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30
+    return best, best_patch, peak, output
+
+
+def bench_refiner512(args, generator, rows, device, dtype):
+    model = build("refiner", args.version, dtype=dtype).to(device)
+    coords, sdf = shell_band(512, 0.4, 2.5, device)
+    feats = torch.randn(coords.shape[0], 32, generator=generator).to(device=device, dtype=dtype)
+    sdf = sdf.to(dtype)
+    label = f"512 refiner, 27 x 192^3, {coords.shape[0] / 1e6:.2f} M band voxels"
+    reference = None
+    for name, backend, channels_last in configurations(args):
+        model.channels_last = channels_last
+        with kernel_backend(backend), torch.inference_mode():
+            warm = torch.rand(1, 9, 192, 192, 192, generator=generator).to(device=device, dtype=dtype)
+            model.refine_embedded_patch(warm[:, :1], warm[:, 1:])
+            del warm
+            total, per_patch, peak, volume = timed_run(
+                lambda progress: model.refine_volume(coords, sdf, feats, progress=progress), 27, args.repeats)
+        if reference is None:
+            reference = volume
+            difference = "-"
+        else:
+            difference = f"max abs {float((volume - reference).abs().max()):.2e}"
+        rows.append((label, name, total, per_patch, peak, difference))
+        del volume
+    del model, reference
+
+
+def bench_sign(args, generator, rows, device, dtype):
+    model = build("refiner_1024", args.version, dtype=dtype).to(device)
+    coords, sdf = shell_band(1024, 0.4, 2.5, device)
+    sdf = sdf.to(dtype)
+    label = f"sign refiner, 27 x 256^3, {coords.shape[0] / 1e6:.2f} M band voxels at 1024"
+    reference = None
+    for name, backend, channels_last in configurations(args):
+        model.channels_last = channels_last
+        with kernel_backend(backend), torch.inference_mode():
+            warm = torch.rand(1, 1, 256, 256, 256, generator=generator).to(device=device, dtype=dtype)
+            model.sign_logits_patch(warm)
+            del warm
+            total, per_patch, peak, grid = timed_run(
+                lambda progress: model.sign_grid(coords, sdf, progress=progress), 27, args.repeats)
+        if reference is None:
+            reference = grid
+            difference = "-"
+        else:
+            difference = f"{float((grid != reference).float().mean()) * 100:.4f} % signs differ"
+        rows.append((label, name, total, per_patch, peak, difference))
+        del grid
+    del model, reference
+
+
+def configurations(args):
+    """(name, kernel backend, channels_last) of each timed configuration; the first is the reference."""
+    configs = [("Triton kernels, channels_last_3d", "auto", True)]
+    if args.compare:
+        configs.append(("PyTorch kernels, contiguous (CPU path)", "torch", False))
+    return configs
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", default="v1.1")
+    parser.add_argument("--repeats", type=int, default=2, help="timed whole-volume runs per configuration (best kept)")
+    parser.add_argument("--compare", action="store_true", help="also time the PyTorch kernels, contiguous layout")
+    parser.add_argument("--only", nargs="*", default=["refiner", "sign"], choices=["refiner", "sign"])
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/refiners.py needs a CUDA GPU")
+    torch.backends.cudnn.benchmark = True
+    device, dtype = torch.device("cuda"), torch.float16
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    if "refiner" in args.only:
+        bench_refiner512(args, generator, rows, device, dtype)
+        torch.cuda.empty_cache()
+    if "sign" in args.only:
+        bench_sign(args, generator, rows, device, dtype)
+    print(f"\n{torch.cuda.get_device_name()}, fp16, cudnn.benchmark, release {args.version} shapes, random weights\n")
+    print("| stage | configuration | total s | ms / patch (median, min-max) | peak GiB | vs first row |")
+    print("| --- | --- | ---: | ---: | ---: | --- |")
+    for label, name, total, per_patch, peak, difference in rows:
+        ordered = sorted(per_patch)
+        median = ordered[len(ordered) // 2]
+        print(f"| {label} | {name} | {total:.2f} | {median:.0f} ({ordered[0]:.0f}-{ordered[-1]:.0f}) "
+              f"| {peak:.1f} | {difference} |")
+
+
+if __name__ == "__main__":
+    main()
