@@ -16,7 +16,7 @@ Useful FLOPs (4·Hq·D per query-key pair; masked work of union tiles not counte
 fraction of a measured bf16 8192^3 matmul. Also checks ours against the reference at full size
 (top-k rows identical up to near-ties, relative output errors).
 
-    python bench/ssa.py [--sets 15k,60k,130k] [--layouts v1.1,v1.0] [--tune] [--json out.json]
+    python bench/ssa.py [--sets 15k,18k,60k,130k] [--layouts v1.1,v1.0] [--tune] [--skip-ref] [--json out.json]
 """
 
 from __future__ import annotations
@@ -206,13 +206,16 @@ def run_case(name: str, layout_name: str, args, tk, peak: float, rows: list, che
         "win": time_ms(fast_win),
         "layer": time_ms(ours_layer),
     }
-    refs = {
-        "comp": time_ms(lambda: ref.compressed_attention(q, ck, cv), 1, reps_ref),
-        "topk": time_ms(lambda: ref.select_blocks(q, ck, r_lse, comp_ids, nb, topk), 1, reps_ref),
-        "sel": time_ms(lambda: ref.selection_attention(q, k, v, r_sel, offsets), 1, reps_ref),
-        "win": time_ms(lambda: windowed_attention(q, k, v, part), 1, reps_ref),
-        "layer": time_ms(ref_layer, 1, reps_ref),
-    }
+    if args.skip_ref:
+        refs = dict.fromkeys(ours)
+    else:
+        refs = {
+            "comp": time_ms(lambda: ref.compressed_attention(q, ck, cv), 1, reps_ref),
+            "topk": time_ms(lambda: ref.select_blocks(q, ck, r_lse, comp_ids, nb, topk), 1, reps_ref),
+            "sel": time_ms(lambda: ref.selection_attention(q, k, v, r_sel, offsets), 1, reps_ref),
+            "win": time_ms(lambda: windowed_attention(q, k, v, part), 1, reps_ref),
+            "layer": time_ms(ref_layer, 1, reps_ref),
+        }
     dense_ms = None
     if layout_name == args.layouts[0]:
         qd = q.transpose(0, 1).unsqueeze(0)
@@ -224,7 +227,7 @@ def run_case(name: str, layout_name: str, args, tk, peak: float, rows: list, che
         rows.append(dict(set=name, layout=layout_name, n=n, nc=nc, blocks=nb, topk=topk, branch=br,
                          ours_ms=ours[br], ref_ms=refs[br],
                          ours_tflops=flops[br] / ours[br] / 1e9, peak_frac=flops[br] / ours[br] / 1e9 / peak,
-                         speedup_vs_ref=refs[br] / ours[br],
+                         speedup_vs_ref=refs[br] / ours[br] if refs[br] else None,
                          dense_ms=dense_ms if br == "layer" else None,
                          speedup_vs_dense=(dense_ms / ours[br]) if (br == "layer" and dense_ms) else None))
     if dense_ms is not None:
@@ -245,15 +248,20 @@ def run_case(name: str, layout_name: str, args, tk, peak: float, rows: list, che
                         print("tune fail", tpp, bn, nw, repr(e)[:200])
                         continue
                     print(f"TUNE sel {name} tokens={tpp} block_n={bn} warps={nw}: {ms:.3f} ms")
-        for tpp in (1, 2, 4, 8):
-            for nw in (4, 8):
-                ms = time_ms(lambda: tk.select_blocks(q, ck, r_lse, comp_ids, nb, topk, members=members,
-                                                      tokens_per_program=tpp, num_warps=nw))
-                print(f"TUNE topk {name} tokens={tpp} warps={nw}: {ms:.3f} ms")
         for tpp in (2, 4, 8):
             for bn in (32, 64, 128):
                 ms = time_ms(lambda: tk.compressed_attention(q, ck, cv, tokens_per_program=tpp, block_n=bn))
                 print(f"TUNE comp {name} tokens={tpp} block_n={bn}: {ms:.3f} ms")
+    if args.tune:
+        variants = [("rows", tpp, None, nw) for tpp in (2, 4, 8) for nw in (4, 8)]
+        variants += [("heads", tpp, bb, nw) for tpp in (16, 32, 64) for bb in (16, 32) for nw in (4, 8)]
+        for var, tpp, bb, nw in variants:
+            for merge in ("extract", "replace"):
+                ms = time_ms(lambda: tk.select_blocks(q, ck, r_lse, comp_ids, nb, topk, members=members,
+                                                      variant=var, tokens_per_program=tpp, block_b=bb,
+                                                      num_warps=nw, merge=merge))
+                print(f"TUNE topk {name} {layout_name} {var} tokens={tpp} block_b={bb} warps={nw} "
+                      f"merge={merge}: {ms:.3f} ms")
     sys.stdout.flush()
 
 
@@ -265,7 +273,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sets", default="15k,60k,130k")
     ap.add_argument("--layouts", default="v1.1,v1.0")
-    ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--tune", action="store_true", help="also time kernel variants (prints TUNE lines)")
+    ap.add_argument("--skip-ref", action="store_true", help="skip the PyTorch reference timings")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     args.layouts = args.layouts.split(",")

@@ -1,12 +1,19 @@
 """Block scoring and top-k selection without materialising the [Hkv, N, num_blocks] score matrix.
 
-Per program: `TOKENS` query tokens x the G query heads of one KV head (rows as in compressed.py).
 The selection blocks are visited in chunks of `BLOCK_B`; for each chunk the compressed keys of its
 blocks are gathered through a padded table `members[num_blocks, R]` (the compressed tokens of each
 selection block, -1 padded; R = 1 when compression block == selection block), the probabilities
-exp(q.k/sqrt(D) - lse) are recomputed, summed over the G heads and over each block's R compressed
-tokens, and merged into a running top-W list (W = next power of two >= topk) kept in registers,
-sorted by descending key; a chunk is merged only if it beats some token's W-th best.
+exp(q.k/sqrt(D) - lse) are recomputed, summed over the G query heads of the KV head and over each
+block's R compressed tokens, and merged into a running top list per token kept in registers.
+
+Two scoring layouts (same merge and output code):
+* "rows" (default, measured): TOKENS tokens x G heads are the rows of one product per chunk
+  (64 rows for TOKENS = 4, G = 16), then regrouped per token by reshape + sum.
+* "heads": TOKENS >= 16 tokens are the rows; one product per (head, member slot) accumulates
+  directly into the [TOKENS, BLOCK_B] block scores (no regrouping).
+Two merges: "extract" rebuilds the sorted top-W list (W = next power of two >= topk) from list +
+chunk, only when the chunk beats some token's W-th best; "replace" inserts only the chunk's winners,
+each over the current minimum of an unsorted list of topk live slots.
 
 Ordering key: score (fp32, >= 0, so its bit pattern orders like the value) in the high 32 bits and
 `2^31 - 1 - block` in the low 32 bits, so equal scores prefer the lower block index; empty slots
@@ -24,16 +31,78 @@ from torch import Tensor
 
 from .compressed import LOG2E, _last_dim_contiguous
 
-_SENTINEL = 2**31 - 1
+@triton.jit
+def _chunk_keys(score, b0, num_blocks, BLOCK_B: tl.constexpr):
+    """Ordering keys [T, BLOCK_B] of a chunk of block scores (see the module docstring)."""
+    blocks = b0 + tl.arange(0, BLOCK_B)
+    key = (score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (2147483647 - blocks).to(tl.int64)[None, :]
+    return tl.where((blocks < num_blocks)[None, :], key, -1)
 
 
 @triton.jit
-def _select_fwd(q_ptr, k_ptr, lse_ptr, members_ptr, out_ptr,
-                n_tokens, num_blocks, topk,
-                sq_n, sq_h, sk_n, sk_h, so_h, so_n,
-                scale_log2,
-                G: tl.constexpr, TOKENS: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
-                BLOCK_B: tl.constexpr, W: tl.constexpr, REPLACE: tl.constexpr):
+def _init_best(topk, T: tl.constexpr, W: tl.constexpr, REPLACE: tl.constexpr):
+    slot = tl.arange(0, W)
+    if REPLACE:
+        # unsorted list of exactly `topk` live slots; slots >= topk are frozen above every key
+        best = tl.where((slot < topk)[None, :], tl.full([T, W], -1, tl.int64),
+                        tl.full([T, W], 9223372036854775807, tl.int64))
+    else:
+        best = tl.full([T, W], -1, tl.int64)
+    return best
+
+
+@triton.jit
+def _merge(best, key, topk, T: tl.constexpr, W: tl.constexpr, REPLACE: tl.constexpr):
+    """Running top list `best` [T, W] merged with a chunk's keys [T, B]."""
+    slot = tl.arange(0, W)
+    # a token can only gain from keys above its W-th (REPLACE: topk-th) best
+    bar = tl.min(best, axis=1)
+    if REPLACE:
+        # insert the chunk's winners largest first, each replacing the current minimum; the loop
+        # runs as often as the busiest token of the tile needs (<= topk)
+        cand = tl.where(key > bar[:, None], key, -1)
+        n_ins = tl.minimum(tl.max(tl.sum((cand >= 0).to(tl.int32), axis=1)), topk)
+        for _ in range(0, n_ins):
+            x = tl.max(cand, axis=1)
+            low = tl.min(best, axis=1)
+            pos = tl.argmin(best, axis=1)
+            put = (slot[None, :] == pos[:, None]) & (x > low)[:, None]
+            best = tl.where(put, x[:, None], best)
+            cand = tl.where(cand == x[:, None], -1, cand)
+    else:
+        if tl.max((key > bar[:, None]).to(tl.int32)) > 0:
+            # extract the W largest keys of (running list, chunk) one by one; keys are unique
+            merged = tl.full([T, W], -1, tl.int64)
+            for j in tl.static_range(W):
+                top = tl.maximum(tl.max(best, axis=1), tl.max(key, axis=1))
+                merged = tl.where(slot[None, :] == j, top[:, None], merged)
+                best = tl.where(best == top[:, None], -1, best)
+                key = tl.where(key == top[:, None], -1, key)
+            best = merged
+    return best
+
+
+@triton.jit
+def _store_selection(best, out_ptr, toks, n_tokens, topk, W: tl.constexpr):
+    """Keep the `topk` best real entries (sorted list: the first topk slots; REPLACE: the live
+    slots, frozen ones sit at slot >= topk) and write each at its rank among them, i.e. in
+    ascending block order; the output is pre-filled with -1 padding."""
+    slot = tl.arange(0, W)
+    block = (2147483647 - (best & 0xFFFFFFFF)).to(tl.int32)
+    keep = (best >= 0) & (slot < topk)[None, :]
+    block = tl.where(keep, block, 2147483647)
+    rank = tl.sum((block[:, None, :] < block[:, :, None]).to(tl.int32), axis=2)
+    tl.store(out_ptr + toks[:, None] + rank, block, mask=(toks < n_tokens)[:, None] & keep)
+
+
+@triton.jit
+def _select_rows_fwd(q_ptr, k_ptr, lse_ptr, members_ptr, out_ptr,
+                     n_tokens, num_blocks, topk,
+                     sq_n, sq_h, sk_n, sk_h, so_h, so_n,
+                     scale_log2,
+                     G: tl.constexpr, TOKENS: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
+                     BLOCK_B: tl.constexpr, W: tl.constexpr, REPLACE: tl.constexpr):
+    """"rows" scoring: the TOKENS x G (token, head) pairs are the rows of one product per chunk."""
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
     M: tl.constexpr = TOKENS * G
@@ -47,13 +116,7 @@ def _select_fwd(q_ptr, k_ptr, lse_ptr, members_ptr, out_ptr,
     lse2 = tl.load(lse_ptr + head * n_tokens + tok, mask=row_ok, other=0.0) * 1.4426950408889634
 
     cols = tl.arange(0, BLOCK_B * R)
-    slot = tl.arange(0, W)
-    if REPLACE:
-        # unsorted list of exactly `topk` live slots; slots >= topk are frozen above every key
-        best = tl.where((slot < topk)[None, :], tl.full([TOKENS, W], -1, tl.int64),
-                        tl.full([TOKENS, W], 9223372036854775807, tl.int64))
-    else:
-        best = tl.full([TOKENS, W], -1, tl.int64)
+    best = _init_best(topk, TOKENS, W, REPLACE)
     for b0 in range(0, num_blocks, BLOCK_B):
         col_block = b0 + cols // R
         member = tl.load(members_ptr + col_block * R + cols % R, mask=col_block < num_blocks, other=-1)
@@ -64,44 +127,44 @@ def _select_fwd(q_ptr, k_ptr, lse_ptr, members_ptr, out_ptr,
         p = tl.where(col_ok[None, :], tl.exp2(s), 0.0)                          # [M, B*R]
         p = tl.sum(tl.reshape(p, [TOKENS, G, BLOCK_B * R]), axis=1)            # sum over heads
         score = tl.sum(tl.reshape(p, [TOKENS, BLOCK_B, R]), axis=2)            # sum per block
-        blocks = b0 + tl.arange(0, BLOCK_B)
-        key = (score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (2147483647 - blocks).to(tl.int64)[None, :]
-        key = tl.where((blocks < num_blocks)[None, :], key, -1)
-        # merge only when some token gains a block: its W-th (REPLACE: topk-th) best is the bar
-        bar = tl.min(best, axis=1)
-        if REPLACE:
-            # insert the chunk's winners largest first, each replacing the current minimum;
-            # the loop runs as often as the busiest token of the tile needs (<= topk)
-            cand = tl.where(key > bar[:, None], key, -1)
-            n_ins = tl.minimum(tl.max(tl.sum((cand >= 0).to(tl.int32), axis=1)), topk)
-            for _ in range(0, n_ins):
-                x = tl.max(cand, axis=1)
-                low = tl.min(best, axis=1)
-                pos = tl.argmin(best, axis=1)
-                put = (slot[None, :] == pos[:, None]) & (x > low)[:, None]
-                best = tl.where(put, x[:, None], best)
-                cand = tl.where(cand == x[:, None], -1, cand)
-        else:
-            if tl.max((key > bar[:, None]).to(tl.int32)) > 0:
-                # extract the W largest keys of (running list, chunk) one by one; keys are unique
-                merged = tl.full([TOKENS, W], -1, tl.int64)
-                for j in tl.static_range(W):
-                    top = tl.maximum(tl.max(best, axis=1), tl.max(key, axis=1))
-                    merged = tl.where(slot[None, :] == j, top[:, None], merged)
-                    best = tl.where(best == top[:, None], -1, best)
-                    key = tl.where(key == top[:, None], -1, key)
-                best = merged
-
-    # keep the `topk` best real entries (sorted list: the first topk slots; REPLACE: the live
-    # slots) and write each at its rank among them (ascending block order); the output is
-    # pre-filled with -1 padding
-    block = (2147483647 - (best & 0xFFFFFFFF)).to(tl.int32)
-    keep = (best >= 0) & (slot < topk)[None, :]     # frozen REPLACE slots sit at slot >= topk
-    block = tl.where(keep, block, 2147483647)
-    rank = tl.sum((block[:, None, :] < block[:, :, None]).to(tl.int32), axis=2)
+        best = _merge(best, _chunk_keys(score, b0, num_blocks, BLOCK_B), topk, TOKENS, W, REPLACE)
     toks = pid * TOKENS + tl.arange(0, TOKENS)
-    tl.store(out_ptr + kv_head * so_h + toks[:, None] * so_n + rank, block,
-             mask=(toks < n_tokens)[:, None] & keep)
+    _store_selection(best, out_ptr + kv_head * so_h, toks * so_n, n_tokens * so_n, topk, W)
+
+
+@triton.jit
+def _select_heads_fwd(q_ptr, k_ptr, lse_ptr, members_ptr, out_ptr,
+                      n_tokens, num_blocks, topk,
+                      sq_n, sq_h, sk_n, sk_h, so_h, so_n,
+                      scale_log2,
+                      G: tl.constexpr, TOKENS: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
+                      BLOCK_B: tl.constexpr, W: tl.constexpr, REPLACE: tl.constexpr):
+    """"heads" scoring: rows are tokens only (TOKENS >= 16); one product per (head, member slot)
+    accumulates straight into the [TOKENS, BLOCK_B] block scores, so no reshape/regrouping."""
+    pid = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    toks = pid * TOKENS + tl.arange(0, TOKENS)
+    tok_ok = toks < n_tokens
+    dims = tl.arange(0, D)
+    blocks = tl.arange(0, BLOCK_B)
+    best = _init_best(topk, TOKENS, W, REPLACE)
+    for b0 in range(0, num_blocks, BLOCK_B):
+        block_ok = b0 + blocks < num_blocks
+        score = tl.zeros([TOKENS, BLOCK_B], tl.float32)
+        for r in range(0, R):
+            member = tl.load(members_ptr + (b0 + blocks) * R + r, mask=block_ok, other=-1)
+            col_ok = member >= 0
+            k = tl.load(k_ptr + member[:, None] * sk_n + kv_head * sk_h + dims[None, :],
+                        mask=col_ok[:, None], other=0.0)
+            for g in range(0, G):
+                head = kv_head * G + g
+                q = tl.load(q_ptr + toks[:, None] * sq_n + head * sq_h + dims[None, :],
+                            mask=tok_ok[:, None], other=0.0)
+                lse2 = tl.load(lse_ptr + head * n_tokens + toks, mask=tok_ok, other=0.0) * 1.4426950408889634
+                s = tl.dot(q, tl.trans(k)) * scale_log2 - lse2[:, None]
+                score += tl.where(col_ok[None, :], tl.exp2(s), 0.0)
+        best = _merge(best, _chunk_keys(score, b0, num_blocks, BLOCK_B), topk, TOKENS, W, REPLACE)
+    _store_selection(best, out_ptr + kv_head * so_h, toks * so_n, n_tokens * so_n, topk, W)
 
 
 def block_members(comp_block_ids: Tensor, num_blocks: int, max_members: int | None = None) -> Tensor:
@@ -131,10 +194,13 @@ def block_members(comp_block_ids: Tensor, num_blocks: int, max_members: int | No
 
 @torch.no_grad()
 def select_blocks(q: Tensor, ck: Tensor, lse: Tensor, comp_block_ids: Tensor, num_blocks: int, topk: int,
-                  *, members: Tensor | None = None, tokens_per_program: int | None = None,
+                  *, members: Tensor | None = None, variant: str = "rows", tokens_per_program: int | None = None,
                   block_b: int | None = None, num_warps: int = 4, merge: str | None = None) -> Tensor:
     """Top-k selection blocks per (KV head, query): int32 [Hkv, N, topk], ascending, -1 padded.
 
+    variant: "rows" (the (token, head) pairs of TOKENS tokens as product rows, regrouped per token;
+    measured on H100) or "heads" (16+ tokens per program, one product per head and member slot;
+    not yet measured on a GPU).
     merge: "extract" (rebuild the sorted top-W list from list + chunk; measured on H100 for top-8)
     or "replace" (insert only the chunk's winners over the current minimum; default for topk > 8,
     where "extract" measured 3x slower than the PyTorch reference at top-32).
@@ -151,19 +217,27 @@ def select_blocks(q: Tensor, ck: Tensor, lse: Tensor, comp_block_ids: Tensor, nu
         members = block_members(comp_block_ids, num_blocks)
     r = members.shape[1]
     w = triton.next_power_of_2(topk)
-    if block_b is None:
-        block_b = max(1, 64 // r)
-    if tokens_per_program is None:
-        tokens_per_program = max(1, 64 // group)
     if merge is None:
         merge = "extract" if w <= 8 else "replace"
     if merge not in ("extract", "replace"):
         raise ValueError(f"merge must be 'extract' or 'replace', not {merge!r}")
+    if variant == "rows":
+        kernel = _select_rows_fwd
+        if block_b is None:
+            block_b = max(1, 64 // r)
+        if tokens_per_program is None:
+            tokens_per_program = max(1, 64 // group)
+    elif variant == "heads":
+        kernel = _select_heads_fwd
+        if block_b is None:
+            block_b = 32
+        tokens_per_program = max(16, tokens_per_program or 32)
+    else:
+        raise ValueError(f"variant must be 'rows' or 'heads', not {variant!r}")
     grid = (triton.cdiv(n_tokens, tokens_per_program), hkv)
-    _select_fwd[grid](q, ck, lse, members, out, n_tokens, num_blocks, topk,
-                      q.stride(0), q.stride(1), ck.stride(0), ck.stride(1), out.stride(0), out.stride(1),
-                      LOG2E / math.sqrt(d),
-                      G=group, TOKENS=tokens_per_program, D=d, R=r, BLOCK_B=block_b, W=w,
-                      REPLACE=merge == "replace",
-                      num_warps=num_warps)
+    kernel[grid](q, ck, lse, members, out, n_tokens, num_blocks, topk,
+                 q.stride(0), q.stride(1), ck.stride(0), ck.stride(1), out.stride(0), out.stride(1),
+                 LOG2E / math.sqrt(d),
+                 G=group, TOKENS=tokens_per_program, D=d, R=r, BLOCK_B=block_b, W=w,
+                 REPLACE=merge == "replace", num_warps=num_warps)
     return out
