@@ -12,6 +12,9 @@ Grids (release values in brackets): dense latent 1^3 [16^3] -> occupancy 4^3 [64
 on 4^3 tokens -> SDF 32^3 [512^3]; sparse 1024 stage on 8^3 tokens -> SDF 64^3 [1024^3]; refiner and
 sign-refiner patches 16 every 16 [192/160 and 256/128]. Widths are small except the 512 sparse VAE
 decoder, whose width 512 is pinned by the 32 feature channels the 512 refiner reads (width / 16).
+Two deliberate departures: the 1024 VAE decodes unchunked (chunk_size 1; with the 4-voxel halo every
+chunk of an 8^3 grid would be the whole grid), and v1.0 compresses 2^3 blocks (its group norm needs
+more than one compressed block per image, and the 4^3 grid holds a single 4^3 block).
 
 The weights are random (seeded), then adjusted deterministically so a run is fast and yields a
 bounded, non-empty mesh: zero-initialised parameters (adaLN, output layers) get small random values;
