@@ -8,6 +8,7 @@ import shutil
 import subprocess
 
 import pytest
+from addon_fixtures import addon_zip, bpy_python, engine  # noqa: F401 - pytest fixtures
 from engine_setup import ENGINE_PYTHON, REPO
 
 IMAGES = REPO.parent / "shared" / "images"

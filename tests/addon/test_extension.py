@@ -6,6 +6,7 @@ from __future__ import annotations
 import tomllib
 import zipfile
 
+from addon_fixtures import addon_zip, bpy_python  # noqa: F401 - pytest fixtures
 from bpy_harness import run_scenario
 from engine_setup import REPO
 

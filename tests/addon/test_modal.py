@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from addon_fixtures import addon_zip, bpy_python  # noqa: F401 - pytest fixtures
 from bpy_harness import run_scenario
 from engine_setup import ENGINE_PYTHON, REPO
 

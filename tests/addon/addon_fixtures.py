@@ -1,4 +1,8 @@
-"""Fixtures for the Blender extension tests: the bpy interpreter, the built zip, the engine."""
+"""Fixtures for the Blender extension tests: the bpy interpreter, the built zip, the engine.
+
+Test modules import them by name (a conftest.py here would shadow other folders' ``conftest``
+imports, since the test folders are not packages).
+"""
 
 from __future__ import annotations
 
