@@ -307,6 +307,20 @@ def describe_failure(exc: BaseException) -> tuple[str, str]:
             "The GPU ran out of memory. Try memory mode 'sequential', resolution 512, or close "
             "other programs that use the GPU, then generate again.",
         )
+    lowered = text.lower()
+    if "cuda is not available" in lowered or "found no nvidia driver" in lowered:
+        return (
+            "no_gpu",
+            "The engine's torch cannot use a GPU (no CUDA build, or no driver/GPU visible). "
+            "Install a CUDA build of torch into the engine's environment, or set Device to cpu "
+            "(very slow).",
+        )
+    if "no kernel image is available" in lowered:
+        return (
+            "gpu_unsupported",
+            "The engine's torch build does not support this GPU (common with RTX 50-series and "
+            "torch built for CUDA older than 12.8). Install a torch build for a newer CUDA.",
+        )
     if name == "WeightsError":
         return (
             "weights_missing",

@@ -324,3 +324,28 @@ def test_cli_entry_point_runs_the_worker():
     events = [json.loads(line) for line in completed.stdout.splitlines()]
     assert [e["event"] for e in events] == ["ready", "status"]
     assert events[1]["id"] == "p"
+
+
+def test_failures_become_actionable_messages():
+    from engine.worker import describe_failure
+
+    class OutOfMemoryError(RuntimeError):
+        pass
+
+    class WeightsError(RuntimeError):
+        pass
+
+    cases = [
+        (OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"), "out_of_memory", "sequential"),
+        (RuntimeError("device cuda was requested but CUDA is not available"), "no_gpu", "Device to cpu"),
+        (RuntimeError("CUDA error: no kernel image is available for execution"), "gpu_unsupported", "newer CUDA"),
+        (WeightsError("/w is missing model_dense.ckpt"), "weights_missing", "model_dense.ckpt"),
+        (FileNotFoundError("/x.png"), "file_not_found", "/x.png"),
+        (ImportError("No module named 'spconv'"), "engine_install", "spconv"),
+        (ValueError("seed must be an integer"), "invalid_input", "seed must be"),
+        (KeyError("boom"), "job_failed", "KeyError"),
+    ]
+    for exc, code, fragment in cases:
+        got_code, message = describe_failure(exc)
+        assert got_code == code, (exc, got_code)
+        assert fragment in message, (exc, message)
