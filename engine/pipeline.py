@@ -171,6 +171,27 @@ class _StageClock:
         self.check_cancel()
 
 
+def check_grid_consistency(configs: dict) -> None:
+    """The stages hand grids to each other; a config whose grids do not chain is refused up front.
+
+    dense latent r -> occupancy 4r = 512-stage token grid R; its SDF grid 8R = the 512 refiner volume;
+    1024-stage SDF grid 8R' = twice the sign refiner's volume."""
+    dense = configs["dense_dit"].resolution
+    tokens_512 = configs["sparse_dit_512"].resolution
+    tokens_1024 = configs["sparse_dit_1024"].resolution
+    problems = []
+    if 4 * dense != tokens_512:
+        problems.append(f"dense occupancy grid {4 * dense} != sparse_dit_512.resolution {tokens_512}")
+    if configs["refiner"].volume_resolution != LATENT_FACTOR * tokens_512:
+        problems.append(f"refiner.volume_resolution {configs['refiner'].volume_resolution} != "
+                        f"{LATENT_FACTOR} x sparse_dit_512.resolution ({LATENT_FACTOR * tokens_512})")
+    if 2 * configs["refiner_1024"].volume_resolution != LATENT_FACTOR * tokens_1024:
+        problems.append(f"2 x refiner_1024.volume_resolution ({2 * configs['refiner_1024'].volume_resolution}) != "
+                        f"{LATENT_FACTOR} x sparse_dit_1024.resolution ({LATENT_FACTOR * tokens_1024})")
+    if problems:
+        raise ValueError("inconsistent model configuration: " + "; ".join(problems))
+
+
 def move_models(models, device: torch.device) -> None:
     """``model.to(device)`` outside inference mode: moved inside it, parameters would become inference
     tensors (no version counter), which breaks caches keyed on parameter versions in later calls."""
@@ -198,6 +219,7 @@ class Direct3DS2Pipeline:
         self.offline = offline
         self._background_remover = None
         self.storage_device = torch.device("cpu") if memory_mode == "sequential" else self.device
+        check_grid_consistency(self.configs)
         move_models(self.models.values(), self.storage_device)
 
     # ------------------------------------------------------------------------------------------ loading

@@ -206,3 +206,17 @@ def test_sequential_moves_keep_ordinary_parameters():
     with torch.inference_mode():
         move_models([model], torch.device("meta"))  # a real device change, available without a GPU
     assert model.weight.device.type == "meta" and not model.weight.is_inference()
+
+
+def test_grid_consistency_check():
+    import dataclasses
+    from engine.configs import OFFICIAL_CONFIGS
+    from engine.pipeline import check_grid_consistency
+    for version in ("v1.0", "v1.1"):
+        check_grid_consistency(OFFICIAL_CONFIGS[version])
+    from helpers.tiny_weights import tiny_configs
+    configs = tiny_configs("v1.1")
+    check_grid_consistency(configs)
+    configs["refiner"] = dataclasses.replace(configs["refiner"], volume_resolution=64)
+    with pytest.raises(ValueError, match="refiner.volume_resolution 64"):
+        check_grid_consistency(configs)
