@@ -26,7 +26,9 @@ from torch import Tensor
 
 __all__ = ["group_norm_silu", "voxel_stride"]
 
+# tiles of 4096 elements with 8 warps: 60-105 registers on sm_90 (no spills)
 _TILE_ELEMENTS = 4096
+_WARPS = 8
 
 
 @triton.jit
@@ -40,7 +42,7 @@ def _partial_stats(x_ptr, mean_ptr, m2_ptr, V, C, T, sxb, sxc, sxv,
     channels = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_ok = channels < C
     mask = valid[:, None] & channel_ok[None, :]
-    x = tl.load(x_ptr + b * sxb + voxels.to(tl.int64)[:, None] * sxv + channels[None, :] * sxc,
+    x = tl.load(x_ptr + b * sxb + voxels.to(tl.int64)[:, None] * sxv + channels.to(tl.int64)[None, :] * sxc,
                 mask=mask, other=0.0).to(tl.float32)
     count = tl.minimum(V - tile * BLOCK_V, BLOCK_V).to(tl.float32)
     mean = tl.sum(x, axis=0) / count
@@ -52,7 +54,7 @@ def _partial_stats(x_ptr, mean_ptr, m2_ptr, V, C, T, sxb, sxc, sxv,
 
 
 @triton.jit
-def _finalize(mean_ptr, m2_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, V, C, T, eps,
+def _finalize(mean_ptr, m2_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, V, C, T, samples, eps,
               PER_GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_T: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1)
@@ -68,7 +70,6 @@ def _finalize(mean_ptr, m2_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, V, C
         mask = tile_ok[:, None] & lane_ok[None, :]
         mean = tl.load(mean_ptr + base + tiles.to(tl.int64)[:, None] * C + channels[None, :], mask=mask, other=0.0)
         total += count[:, None] * mean
-    samples = V.to(tl.float32) * PER_GROUP
     group_mean = tl.sum(tl.sum(total, axis=1), axis=0) / samples
     squares = tl.zeros([BLOCK_T, BLOCK_G], dtype=tl.float32)
     for t0 in range(0, T, BLOCK_T):
@@ -102,14 +103,15 @@ def _apply(x_ptr, out_ptr, scale_ptr, shift_ptr, V, C, sxb, sxc, sxv, sob, soc, 
     channels = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_ok = channels < C
     mask = valid[:, None] & channel_ok[None, :]
-    x = tl.load(x_ptr + b * sxb + voxels[:, None] * sxv + channels[None, :] * sxc, mask=mask, other=0.0)
+    channel_offsets = channels.to(tl.int64)[None, :]
+    x = tl.load(x_ptr + b * sxb + voxels[:, None] * sxv + channel_offsets * sxc, mask=mask, other=0.0)
     scale = tl.load(scale_ptr + b * C + channels, mask=channel_ok, other=0.0)
     shift = tl.load(shift_ptr + b * C + channels, mask=channel_ok, other=0.0)
     y = (x.to(tl.float32) * scale[None, :] + shift[None, :]).to(out_ptr.dtype.element_ty)
     if SILU:
         yf = y.to(tl.float32)
         y = tl.div_rn(yf, 1.0 + tl.exp(-yf)).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + b * sob + voxels[:, None] * sov + channels[None, :] * soc, y, mask=mask)
+    tl.store(out_ptr + b * sob + voxels[:, None] * sov + channel_offsets * soc, y, mask=mask)
 
 
 def voxel_stride(x: Tensor) -> Optional[int]:
@@ -167,16 +169,18 @@ def group_norm_silu(x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, ep
     m2 = torch.empty_like(means)
     _partial_stats[(tiles, channel_blocks, batch)](x, means, m2, voxels, channels, tiles,
                                                    x.stride(0), x.stride(1), in_stride,
-                                                   BLOCK_V=block_v, BLOCK_C=block_c)
+                                                   BLOCK_V=block_v, BLOCK_C=block_c, num_warps=_WARPS)
     per_group = channels // num_groups
     scale = torch.empty(batch, channels, dtype=torch.float32, device=x.device)
     shift = torch.empty_like(scale)
     block_g = triton.next_power_of_2(per_group)
     block_t = block_tiles or max(1, min(triton.next_power_of_2(tiles), 4096 // block_g))
-    _finalize[(batch, num_groups)](means, m2, weight, bias, scale, shift, voxels, channels, tiles, float(eps),
+    # the sample count is passed as a float: an integer argument equal to 1 would become a constexpr
+    _finalize[(batch, num_groups)](means, m2, weight, bias, scale, shift, voxels, channels, tiles,
+                                   float(voxels * per_group), float(eps),
                                    PER_GROUP=per_group, BLOCK_G=block_g, BLOCK_V=block_v, BLOCK_T=block_t)
     _apply[(tiles, channel_blocks, batch)](x, out, scale, shift, voxels, channels,
                                            x.stride(0), x.stride(1), in_stride,
                                            out.stride(0), out.stride(1), out_stride,
-                                           SILU=silu, BLOCK_V=block_v, BLOCK_C=block_c)
+                                           SILU=silu, BLOCK_V=block_v, BLOCK_C=block_c, num_warps=_WARPS)
     return out
