@@ -453,13 +453,11 @@ class _PatchSource:
         local, inside = self._inside(origin, size)
         local = local[inside].long()
         channels = background.numel()
-        fill = background.to(out_dtype)
-        if memory_format == torch.channels_last_3d:
-            patch = fill.view(1, 1, 1, channels).expand(size, size, size, channels).clone().permute(3, 0, 1, 2)
-        else:
-            patch = fill.view(channels, 1, 1, 1).expand(channels, size, size, size).clone()
-        patch[:, local[:, 0], local[:, 1], local[:, 2]] = self.values[inside].to(out_dtype).T
-        return patch.unsqueeze(0)
+        patch = torch.empty((1, channels, size, size, size), dtype=out_dtype, device=self.xyz.device,
+                            memory_format=memory_format)
+        patch.copy_(background.to(out_dtype).view(1, channels, 1, 1, 1))
+        patch[0, :, local[:, 0], local[:, 1], local[:, 2]] = self.values[inside].to(out_dtype).T
+        return patch
 
 
 class _DenseLayout:
