@@ -345,8 +345,11 @@ class Direct3DS2Pipeline:
             # per batch size: the forward over the fixed token set, a CUDA graph replayed every step on
             # CUDA after two eager warm-up steps (eager on CPU or with pipeline.use_cuda_graphs = False)
             use_graphs = getattr(self, "use_cuda_graphs", True)
+            # the unconditional dense context is all zeros: its cross-attention output is exact without
+            # attending (SparseDiT.forward's uniform_context)
+            uniform = None if config.sparse_conditions else (False, True)
             steppers = {1: dit.step_function(single, cond_single, use_cuda_graphs=use_graphs),
-                        2: dit.step_function(pair, cond_pair, use_cuda_graphs=use_graphs)}
+                        2: dit.step_function(pair, cond_pair, use_cuda_graphs=use_graphs, uniform_context=uniform)}
 
             def velocity(x, t):  # x [b, N, C]
                 batch = x.shape[0]

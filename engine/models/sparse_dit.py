@@ -42,7 +42,37 @@ class ContextCrossAttention(MultiHeadAttention):
                          qk_rms_norm=qk_rms_norm)
 
     def forward(self, x: Tensor, context) -> Tensor:  # type: ignore[override]
-        context, key_mask = context if isinstance(context, tuple) else (context, None)
+        """context: `[B, Lc, C_ctx]`, `(context, key_mask)` or `(context, key_mask, uniform)`.
+
+        uniform: optional per-element flags, True where every context token of that element is the
+        same vector (the zero context of unconditional guidance). There all keys are equal, so the
+        softmax is uniform and the attention output is exactly that token's value vector: the
+        element's output is `to_out(v)` broadcast over its tokens, without the attention itself.
+        """
+        if not isinstance(context, tuple):
+            context = (context,)
+        context, key_mask, uniform = (tuple(context) + (None, None))[:3]
+        if uniform is None or not any(uniform):
+            return self._attend(x, context, key_mask)
+        if len(uniform) != x.shape[0]:
+            raise ValueError(f"{len(uniform)} uniform-context flags for {x.shape[0]} batch elements")
+        out = x.new_empty(*x.shape[:-1], self.channels)
+        start = 0
+        while start < len(uniform):   # runs of consecutive elements with the same flag
+            stop = start + 1
+            while stop < len(uniform) and uniform[stop] == uniform[start]:
+                stop += 1
+            rows = slice(start, stop)
+            if uniform[start]:
+                first_token = context[rows, :1].to(self.to_kv.weight.dtype)
+                value = self.to_kv(first_token).unflatten(-1, (2, self.channels))[..., 1, :]   # [b, 1, C]
+                out[rows] = self.to_out(value)
+            else:
+                out[rows] = self._attend(x[rows], context[rows], None if key_mask is None else key_mask[rows])
+            start = stop
+        return out
+
+    def _attend(self, x: Tensor, context: Tensor, key_mask) -> Tensor:
         q, k, v = self.project(x, context)
         mask = None if key_mask is None else key_mask[:, None, None, :]
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -143,13 +173,19 @@ class SparseDiT(nn.Module):
         return t_emb.to(self.compute_dtype)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: SparseVoxels, t: Tensor, cond, block_topk: Sequence | None = None) -> SparseVoxels:
+    def forward(self, x: SparseVoxels, t: Tensor, cond, block_topk: Sequence | None = None,
+                uniform_context: Sequence[bool] | None = None) -> SparseVoxels:
         """Velocity for tokens `x` at timestep(s) `t` given `cond`.
 
         cond: dense context `[B, L, cond_channels]` (v1.1; a batch of 1 is broadcast) or the
         condition tokens as SparseVoxels (v1.0, from `sparse_condition_tokens`).
         block_topk: optional injected SSA selection, one entry per DiT block (see
-        `SpatialSparseAttention.forward`). Returns SparseVoxels on x's coordinates in x's dtype.
+        `SpatialSparseAttention.forward`).
+        uniform_context: optional caller's promise, per batch element of a dense `cond`, that all its
+        context tokens are the same vector (True for the all-zero unconditional context); the
+        cross-attention of those elements then skips the attention (exact, see
+        `ContextCrossAttention.forward`). Ignored for SparseVoxels conditions.
+        Returns SparseVoxels on x's coordinates in x's dtype.
         """
         if block_topk is not None and len(block_topk) != len(self.blocks):
             raise ValueError(f"block_topk has {len(block_topk)} entries for {len(self.blocks)} blocks")
@@ -159,6 +195,10 @@ class SparseDiT(nn.Module):
         h = self.input_layer(x.feats.to(dtype)) + self.position_embedding(x)
         t_emb = self.timestep_embedding(t, batch_size, x.device)
         context = self.prepare_context(cond, batch_size)
+        if uniform_context is not None and not isinstance(cond, SparseVoxels):
+            if len(uniform_context) != batch_size:
+                raise ValueError(f"{len(uniform_context)} uniform_context flags for {batch_size} batch elements")
+            context = (context, None, tuple(bool(flag) for flag in uniform_context))
         h = pack_rows(h, packing)
         for index, block in enumerate(self.blocks):
             selection = None if block_topk is None else block_topk[index]
@@ -169,9 +209,11 @@ class SparseDiT(nn.Module):
              else F.layer_norm(h.float(), (h.shape[-1],), eps=1e-5).to(dtype))
         return x.replace(self.out_layer(h).to(x.dtype))
 
-    def step_function(self, template: SparseVoxels, cond, use_cuda_graphs: bool = True):
+    def step_function(self, template: SparseVoxels, cond, use_cuda_graphs: bool = True,
+                      uniform_context: Sequence[bool] | None = None):
         """The network call of a sampler over the fixed token set `template` and condition `cond`:
         `fn(feats [N, in_channels], t [1] or [B]) -> velocity feats [N, out_channels]`.
+        `uniform_context` is passed to `forward` (e.g. `(False, True)` for [cond, zeros]).
 
         Every call reuses `template`'s coordinate caches. On CUDA (and with `use_cuda_graphs`) the
         forward is captured once as a CUDA graph after two eager warm-up calls and replayed for the
@@ -180,7 +222,7 @@ class SparseDiT(nn.Module):
         from engine.sampling import CUDAGraphRunner
 
         def forward(feats: Tensor, t: Tensor) -> Tensor:
-            return self(template.replace(feats), t, cond).feats
+            return self(template.replace(feats), t, cond, uniform_context=uniform_context).feats
 
         return CUDAGraphRunner(forward, enabled=use_cuda_graphs)
 

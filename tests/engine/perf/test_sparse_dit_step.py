@@ -393,3 +393,41 @@ def test_cuda_dense_dit_graph_replays_equal():
     assert runner.captured and runner.failed is None
     for graphed, eager in outs:
         torch.testing.assert_close(graphed, eager, atol=2e-3, rtol=2e-3)
+
+
+# ------------------------------------------------------------------------------------------ uniform context
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cross_attention_uniform_context_shortcut_is_exact(dtype):
+    from engine.models.sparse_dit import ContextCrossAttention
+
+    torch.manual_seed(4)
+    attn = ContextCrossAttention(64, 4, 48).to(dtype)
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(3, 30, 64, dtype=dtype)
+    context = torch.randn(3, 9, 48, dtype=dtype)
+    context[1] = 0.0                          # the unconditional zero context
+    context[2] = torch.randn(48, dtype=dtype)  # any repeated token
+    with torch.no_grad():
+        full = attn(x, context)
+        short = attn(x, (context, None, (False, True, True)))
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(short, full, atol=tol, rtol=tol)
+    assert torch.equal(short[0], full[0])     # the attended element takes the usual path
+
+
+def test_sparse_dit_uniform_context_matches_full_forward():
+    model = tiny_sparse_dit()
+    x, cond = guidance_inputs(model, "v1.1")
+    cond[1] = 0.0
+    t = torch.tensor([640.0])
+    for block in model.blocks:
+        block.self_attn.record_selection = True
+    with torch.no_grad():
+        full = model(x, t, cond).feats
+        selection = [block.self_attn.last_block_topk for block in model.blocks]
+        short = model(x, t, cond, block_topk=selection, uniform_context=(False, True)).feats
+    torch.testing.assert_close(short, full, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError):
+        model(x, t, cond, uniform_context=(True,))
