@@ -140,6 +140,7 @@ class RefinerConfig:
     volume_resolution: int = 512
     block_out_channels: tuple = (8, 32, 128, 512)
     norm_num_groups: int = 4
+    feature_channels: int = 32      # width of the sparse-VAE decoder features fed to the 512 refiner
     use_fp16: bool = True
 
 
