@@ -535,8 +535,11 @@ class SpatialSparseAttention(nn.Module):
         partition = window_partition(voxels, self.window_size, self.shift_window)
         windowed = getattr(ops, "windowed_attention", windowed_attention)(q, k, v, partition)
         gates = self.gate(x).unsqueeze(-1).unsqueeze(-1)                     # [N, 3, 1, 1]
-        # gated sum written per batch-element group straight from the kernels' outputs (no copies back)
+        # gated sum written per batch-element group straight from the kernels' outputs (no copies back);
+        # with autograd on, the same sum out of place, per element, concatenated in row order
         mixed = torch.empty_like(q)
+        differentiable = torch.is_grad_enabled() and (x.requires_grad or self.gate[0].weight.requires_grad)
+        pieces: dict[int, Tensor] = {}
 
         injected = [block_topk] if isinstance(block_topk, Tensor) else block_topk
         if injected is not None and len(injected) != len(layout.elements):
@@ -572,13 +575,20 @@ class SpatialSparseAttention(nn.Module):
                                             blocks.block_offsets)
             for j, (element, rows) in enumerate(zip(members, token_rows)):
                 heads = slice(j * hq, (j + 1) * hq)
-                target, g = mixed[rows], gates[rows]
-                torch.mul(out_m[:, heads], g[:, 0], out=target)
-                target.addcmul_(sel_m[:, heads], g[:, 1])
-                target.addcmul_(windowed[rows], g[:, 2])
+                g = gates[rows]
+                if differentiable:
+                    pieces[rows.start] = (out_m[:, heads] * g[:, 0] + sel_m[:, heads] * g[:, 1]
+                                          + windowed[rows] * g[:, 2])
+                else:
+                    target = mixed[rows]
+                    torch.mul(out_m[:, heads], g[:, 0], out=target)
+                    target.addcmul_(sel_m[:, heads], g[:, 1])
+                    target.addcmul_(windowed[rows], g[:, 2])
                 covered += rows.stop - rows.start
                 selections[element] = given[j]
         if covered != n_tokens:   # only empty batch elements are skipped; their rows are empty too
             raise RuntimeError("SSA: token rows not covered by the batch elements")
+        if differentiable:
+            mixed = torch.cat([pieces[start] for start in sorted(pieces)]) if pieces else mixed
         self.last_block_topk = [s for s in selections if s is not None] if self.record_selection else []
         return self.proj_o(mixed.reshape(n_tokens, hq * d))

@@ -431,3 +431,22 @@ def test_sparse_dit_uniform_context_matches_full_forward():
     torch.testing.assert_close(short, full, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError):
         model(x, t, cond, uniform_context=(True,))
+
+
+def test_ssa_layer_is_differentiable_and_equal_with_grad():
+    torch.manual_seed(5)
+    attn = ssa_module.SpatialSparseAttention(64, 4, 2, 8, 8, 3, window_size=8, shift_window=4, backend="torch")
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.normal_(0, 0.2)
+    coords = shell_coords(7.0, (11.5, 12.2, 10.6), 24)
+    second = coords.clone()
+    second[:, 0] = 1
+    voxels = SparseVoxels(torch.randn(2 * coords.shape[0], 64), torch.cat([coords, second]))
+    with torch.no_grad():
+        ref = attn(voxels.feats, voxels=voxels)
+    feats = voxels.feats.clone().requires_grad_(True)
+    out = attn(feats, voxels=voxels)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    out.square().sum().backward()
+    assert feats.grad is not None and attn.gate[0].weight.grad is not None
