@@ -21,19 +21,23 @@ from .compressed import LOG2E, _last_dim_contiguous
 
 
 @triton.jit
-def _selection_fwd(q_ptr, k_ptr, v_ptr, o_ptr, sel_ptr, union_ptr, offsets_ptr,
+def _selection_fwd(q_ptr, k_ptr, v_ptr, o_ptr, sel_ptr, union_ptr, offsets_ptr, perm_ptr,
                    n_tokens, topk, n_tiles,
                    sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_n, so_h, ss_h, ss_n,
                    scale_log2,
                    G: tl.constexpr, TOKENS: tl.constexpr, D: tl.constexpr, KP: tl.constexpr,
-                   UNION: tl.constexpr, BLOCK_N: tl.constexpr):
+                   UNION: tl.constexpr, BLOCK_N: tl.constexpr, REORDER: tl.constexpr):
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
     M: tl.constexpr = TOKENS * G
     rows = tl.arange(0, M)
-    tok = pid * TOKENS + rows // G
+    pos = pid * TOKENS + rows // G
+    row_ok = pos < n_tokens
+    if REORDER:   # tiles take tokens in the per-head order `perm` (grouping equal selections)
+        tok = tl.load(perm_ptr + kv_head * n_tokens + pos, mask=row_ok, other=0)
+    else:
+        tok = pos
     head = kv_head * G + rows % G
-    row_ok = tok < n_tokens
     dims = tl.arange(0, D)
     q = tl.load(q_ptr + tok[:, None] * sq_n + head[:, None] * sq_h + dims[None, :],
                 mask=row_ok[:, None], other=0.0)
@@ -90,11 +94,27 @@ def tile_union(block_topk: Tensor, tokens_per_program: int) -> Tensor:
     return torch.sort(sel.reshape(hkv, n_tiles, tokens_per_program * topk), dim=-1).values.contiguous()
 
 
+def selection_order(block_topk: Tensor, num_blocks: int | None = None) -> Tensor:
+    """int32 [Hkv, N]: per KV head, the tokens sorted (stably) by their ascending selection read as
+    a number (the first slots that fit in 62 bits), so tokens with equal selections are adjacent."""
+    hkv, n_tokens, topk = block_topk.shape
+    sel = block_topk.long()
+    bits = max(1, int(num_blocks if num_blocks is not None else 1 << 16).bit_length())
+    key = torch.zeros(hkv, n_tokens, dtype=torch.long, device=sel.device)
+    for slot in range(min(topk, 62 // bits)):
+        key = (key << bits) | (sel[..., slot] + 1)        # -1 padding -> 0
+    return torch.sort(key, dim=1, stable=True).indices.to(torch.int32)
+
+
 def selection_attention(q: Tensor, k: Tensor, v: Tensor, block_topk: Tensor, block_offsets: Tensor,
                         max_block_len: int | None = None, *, tokens_per_program: int | None = None,
-                        block_n: int = 32, num_warps: int = 4, num_stages: int = 2) -> Tensor:
+                        block_n: int = 32, num_warps: int = 4, num_stages: int = 2,
+                        reorder: bool = False) -> Tensor:
     """q [N, Hq, D]; k/v [N, Hkv, D] block-sorted; block_topk [Hkv, N, topk]; block_offsets
-    [num_blocks + 1] -> out [N, Hq, D] in q's dtype. `max_block_len` is accepted for signature parity."""
+    [num_blocks + 1] -> out [N, Hq, D] in q's dtype. `max_block_len` is accepted for signature parity.
+
+    reorder: tile tokens in `selection_order` instead of row order, so a tile's tokens share more
+    of their blocks (less masked work; one sort per call; not yet timed on a GPU)."""
     n_tokens, hq, d = q.shape
     hkv = k.shape[1]
     group = hq // hkv
@@ -106,14 +126,20 @@ def selection_attention(q: Tensor, k: Tensor, v: Tensor, block_topk: Tensor, blo
     if tokens_per_program is None:
         tokens_per_program = max(1, 64 // group)
     sel = block_topk.to(torch.int32).contiguous()
-    union = tile_union(sel, tokens_per_program)
     offsets = block_offsets.to(device=q.device, dtype=torch.int32).contiguous()
+    if reorder and tokens_per_program > 1:
+        perm = selection_order(sel, offsets.numel() - 1)
+        union = tile_union(torch.gather(sel, 1, perm.long().unsqueeze(-1).expand_as(sel)), tokens_per_program)
+    else:
+        reorder, perm = False, sel              # perm unused
+        union = tile_union(sel, tokens_per_program)
     n_tiles = union.shape[1]
     grid = (n_tiles, hkv)
-    _selection_fwd[grid](q, k, v, out, sel, union, offsets, n_tokens, topk, n_tiles,
+    _selection_fwd[grid](q, k, v, out, sel, union, offsets, perm, n_tokens, topk, n_tiles,
                          q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                          out.stride(0), out.stride(1), sel.stride(0), sel.stride(1),
                          LOG2E / math.sqrt(d),
                          G=group, TOKENS=tokens_per_program, D=d, KP=triton.next_power_of_2(topk),
-                         UNION=union.shape[2], BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+                         UNION=union.shape[2], BLOCK_N=block_n, REORDER=reorder,
+                         num_warps=num_warps, num_stages=num_stages)
     return out

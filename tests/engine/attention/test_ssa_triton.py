@@ -156,6 +156,10 @@ def test_ssa_kernels_match_reference(cbs, hq, hkv, topk, dtype):
                                  tokens_per_program=TILE)
     assert got.dtype == dtype
     assert close(got, want) if dtype != torch.bfloat16 else close(got, want, rtol=4e-2, atol=1e-2)
+    if cbs == 8 and hq == 32:             # tiles over tokens grouped by equal selections
+        got = tk.selection_attention(q, case["k"], case["v"], sel, case["block_offsets"],
+                                     tokens_per_program=TILE, reorder=True)
+        assert close(got, want)
 
 
 def test_fewer_blocks_than_topk_and_default_tiles():
