@@ -450,3 +450,24 @@ def test_ssa_layer_is_differentiable_and_equal_with_grad():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     out.square().sum().backward()
     assert feats.grad is not None and attn.gate[0].weight.grad is not None
+
+
+def test_dense_dit_forward_and_sampler_loop_have_no_host_sync(monkeypatch):
+    from engine.sampling import flow_match_schedule, sample
+
+    config = DenseDiTConfig(resolution=4, in_channels=4, out_channels=4, model_channels=64, cond_channels=32,
+                            num_blocks=2, num_heads=4, num_head_channels=16)
+    torch.manual_seed(0)
+    model = DenseDiT(config).eval()
+    cond = torch.randn(2, 5, 32)
+    schedule = flow_match_schedule(3, 6.0)
+    noise = torch.randn(1, 4, 4, 4, 4)
+
+    def velocity(x, t):
+        return model(x.reshape(2, *x.shape[2:]), t, cond).reshape(x.shape)
+
+    with torch.inference_mode():
+        velocity(noise.unsqueeze(0).expand(2, *noise.shape), torch.tensor([500.0]))
+        with record_syncs(monkeypatch) as recorder:
+            sample(velocity, noise, schedule, 7.0)
+    assert recorder.syncs == [], sorted(set(recorder.syncs))
