@@ -96,24 +96,37 @@ def fused_gelu_available(device: torch.device, dtype: torch.dtype) -> bool:
     if answer is None:
         if torch.cuda.is_current_stream_capturing():
             return False
-        generator = torch.Generator().manual_seed(1234)
         previous_mode = torch.cuda.get_sync_debug_mode()
         torch.cuda.set_sync_debug_mode(0)   # this one-time check reads its result on purpose
         try:
-            a = (torch.randn(96, 160, generator=generator) * 0.5).to(device, dtype)
-            w = (torch.randn(192, 160, generator=generator) * 0.1).to(device, dtype)
-            b = torch.randn(192, generator=generator).to(device, dtype)
-            with torch.no_grad():
-                linear = F.linear(a, w, b).float()
-                fused = torch._addmm_activation(b, a, w.t(), use_gelu=True).float()
-                tanh_err = (fused - F.gelu(linear, approximate="tanh")).abs().max()
-                erf_err = (fused - F.gelu(linear)).abs().max()
-            tolerance = 2e-2 if dtype in _HALF_DTYPES else 1e-5
-            answer = bool(tanh_err <= tolerance) and bool(tanh_err < erf_err)
+            answer = _check_fused_gelu(device, dtype)
         finally:
             torch.cuda.set_sync_debug_mode(previous_mode)
         _FUSED_GELU_OK[key] = answer
     return answer
+
+
+@torch.no_grad()
+def _check_fused_gelu(device: torch.device, dtype: torch.dtype) -> bool:
+    """True when the bias+GELU epilogue is the tanh GELU (fp32, exact inputs) and sane in `dtype`.
+
+    The GEMM is an identity times values on a 1/64 grid in [-4, 4), so every precision (fp16, TF32,
+    fp32) computes the pre-activations exactly; in fp32 the tanh and erf GELUs then differ by up to
+    4.7e-4, far above the rounding of the epilogue.
+    """
+    values = torch.arange(-256, 256, dtype=torch.float32) / 64
+    eye = torch.eye(values.numel())
+    weight = values.repeat(16, 1)                      # out[i, j] = values[i] + bias[j]
+    bias = torch.zeros(16)
+    a, w, b = eye.to(device), weight.to(device), bias.to(device)
+    fused = torch._addmm_activation(b, a, w.t(), use_gelu=True)
+    pre = values[:, None].expand(-1, 16).to(device)
+    tanh_err = (fused - F.gelu(pre, approximate="tanh")).abs().max()
+    erf_err = (fused - F.gelu(pre)).abs().max()
+    if not (bool(tanh_err <= 2e-5) and bool(erf_err > 1e-4)):
+        return False
+    fused_dtype = torch._addmm_activation(b.to(dtype), a.to(dtype), w.to(dtype).t(), use_gelu=True).float()
+    return bool((fused_dtype - F.gelu(pre, approximate="tanh")).abs().max() <= 2e-2)
 
 
 class FeedForward(nn.Module):

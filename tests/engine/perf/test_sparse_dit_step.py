@@ -471,3 +471,23 @@ def test_dense_dit_forward_and_sampler_loop_have_no_host_sync(monkeypatch):
         with record_syncs(monkeypatch) as recorder:
             sample(velocity, noise, schedule, 7.0)
     assert recorder.syncs == [], sorted(set(recorder.syncs))
+
+
+def test_fused_gelu_check_tells_tanh_from_erf(monkeypatch):
+    from engine.models import blocks
+
+    # CPU's _addmm_activation applies the erf GELU: rejected
+    assert not blocks._check_fused_gelu(torch.device("cpu"), torch.float16)
+    monkeypatch.setattr(torch, "_addmm_activation",
+                        lambda b, a, w, use_gelu=True: F.gelu(torch.addmm(b, a, w), approximate="tanh"))
+    assert blocks._check_fused_gelu(torch.device("cpu"), torch.float16)
+
+
+@cuda
+def test_cuda_feed_forward_fused_gelu_matches_modules():
+    torch.manual_seed(6)
+    ff = FeedForward(256).cuda().half()
+    x = torch.randn(3, 500, 256, device="cuda", dtype=torch.float16)
+    first, act, second = ff.mlp
+    with torch.no_grad():
+        torch.testing.assert_close(ff(x), second(act(first(x))), atol=3e-3, rtol=3e-3)
