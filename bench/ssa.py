@@ -266,7 +266,7 @@ def run_case(name: str, layout_name: str, args, tk, peak: float, rows: list, che
         variants = [("rows", tpp, None, nw) for tpp in (2, 4, 8) for nw in (4, 8)]
         variants += [("heads", tpp, bb, nw) for tpp in (16, 32, 64) for bb in (16, 32) for nw in (4, 8)]
         for var, tpp, bb, nw in variants:
-            for merge in ("extract", "replace"):
+            for merge in ("extract", "replace", "sort"):
                 ms = time_ms(lambda: tk.select_blocks(q, ck, r_lse, comp_ids, nb, topk, members=members,
                                                       variant=var, tokens_per_program=tpp, block_b=bb,
                                                       num_warps=nw, merge=merge))

@@ -13,7 +13,8 @@ Two scoring layouts (same merge and output code):
   directly into the [TOKENS, BLOCK_B] block scores (no regrouping).
 Two merges: "extract" rebuilds the sorted top-W list (W = next power of two >= topk) from list +
 chunk, only when the chunk beats some token's W-th best; "replace" inserts only the chunk's winners,
-each over the current minimum of an unsorted list of topk live slots.
+each over the current minimum of an unsorted list of topk live slots; "sort" merges by bitonic
+networks (tl.topk) instead of W dependent reductions.
 
 Ordering key: score (fp32, >= 0, so its bit pattern orders like the value) in the high 32 bits and
 `2^31 - 1 - block` in the low 32 bits, so equal scores prefer the lower block index; empty slots
@@ -52,7 +53,8 @@ def _init_best(topk, T: tl.constexpr, W: tl.constexpr, REPLACE: tl.constexpr):
 
 
 @triton.jit
-def _merge(best, key, topk, T: tl.constexpr, W: tl.constexpr, REPLACE: tl.constexpr):
+def _merge(best, key, topk, T: tl.constexpr, W: tl.constexpr, REPLACE: tl.constexpr,
+           SORT: tl.constexpr):
     """Running top list `best` [T, W] merged with a chunk's keys [T, B]."""
     slot = tl.arange(0, W)
     # a token can only gain from keys above its W-th (REPLACE: topk-th) best
@@ -69,6 +71,14 @@ def _merge(best, key, topk, T: tl.constexpr, W: tl.constexpr, REPLACE: tl.conste
             put = (slot[None, :] == pos[:, None]) & (x > low)[:, None]
             best = tl.where(put, x[:, None], best)
             cand = tl.where(cand == x[:, None], -1, cand)
+    elif SORT:
+        if tl.max((key > bar[:, None]).to(tl.int32)) > 0:
+            # sorting networks only (no dependent reductions): the chunk's top W, then the top W
+            # of (running W, chunk W); both lists come out sorted descending
+            if key.shape[1] > W:
+                key = tl.topk(key, W, dim=1)
+            both = tl.reshape(tl.join(best, key), [T, 2 * W])
+            best = tl.topk(both, W, dim=1)
     else:
         if tl.max((key > bar[:, None]).to(tl.int32)) > 0:
             # extract the W largest keys of (running list, chunk) one by one; keys are unique
@@ -101,7 +111,8 @@ def _select_rows_fwd(q_ptr, k_ptr, lse_ptr, members_ptr, out_ptr,
                      sq_n, sq_h, sk_n, sk_h, so_h, so_n,
                      scale_log2,
                      G: tl.constexpr, TOKENS: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
-                     BLOCK_B: tl.constexpr, W: tl.constexpr, REPLACE: tl.constexpr):
+                     BLOCK_B: tl.constexpr, W: tl.constexpr, REPLACE: tl.constexpr,
+                     SORT: tl.constexpr):
     """"rows" scoring: the TOKENS x G (token, head) pairs are the rows of one product per chunk."""
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -127,7 +138,8 @@ def _select_rows_fwd(q_ptr, k_ptr, lse_ptr, members_ptr, out_ptr,
         p = tl.where(col_ok[None, :], tl.exp2(s), 0.0)                          # [M, B*R]
         p = tl.sum(tl.reshape(p, [TOKENS, G, BLOCK_B * R]), axis=1)            # sum over heads
         score = tl.sum(tl.reshape(p, [TOKENS, BLOCK_B, R]), axis=2)            # sum per block
-        best = _merge(best, _chunk_keys(score, b0, num_blocks, BLOCK_B), topk, TOKENS, W, REPLACE)
+        best = _merge(best, _chunk_keys(score, b0, num_blocks, BLOCK_B), topk, TOKENS, W, REPLACE,
+                      SORT)
     toks = pid * TOKENS + tl.arange(0, TOKENS)
     _store_selection(best, out_ptr + kv_head * so_h, toks * so_n, n_tokens * so_n, topk, W)
 
@@ -138,7 +150,8 @@ def _select_heads_fwd(q_ptr, k_ptr, lse_ptr, members_ptr, out_ptr,
                       sq_n, sq_h, sk_n, sk_h, so_h, so_n,
                       scale_log2,
                       G: tl.constexpr, TOKENS: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
-                      BLOCK_B: tl.constexpr, W: tl.constexpr, REPLACE: tl.constexpr):
+                      BLOCK_B: tl.constexpr, W: tl.constexpr, REPLACE: tl.constexpr,
+                     SORT: tl.constexpr):
     """"heads" scoring: rows are tokens only (TOKENS >= 16); one product per (head, member slot)
     accumulates straight into the [TOKENS, BLOCK_B] block scores, so no reshape/regrouping."""
     pid = tl.program_id(0)
@@ -163,7 +176,8 @@ def _select_heads_fwd(q_ptr, k_ptr, lse_ptr, members_ptr, out_ptr,
                 lse2 = tl.load(lse_ptr + head * n_tokens + toks, mask=tok_ok, other=0.0) * 1.4426950408889634
                 s = tl.dot(q, tl.trans(k)) * scale_log2 - lse2[:, None]
                 score += tl.where(col_ok[None, :], tl.exp2(s), 0.0)
-        best = _merge(best, _chunk_keys(score, b0, num_blocks, BLOCK_B), topk, TOKENS, W, REPLACE)
+        best = _merge(best, _chunk_keys(score, b0, num_blocks, BLOCK_B), topk, TOKENS, W, REPLACE,
+                      SORT)
     _store_selection(best, out_ptr + kv_head * so_h, toks * so_n, n_tokens * so_n, topk, W)
 
 
@@ -203,7 +217,8 @@ def select_blocks(q: Tensor, ck: Tensor, lse: Tensor, comp_block_ids: Tensor, nu
     not yet measured on a GPU).
     merge: "extract" (rebuild the sorted top-W list from list + chunk; measured on H100 for top-8)
     or "replace" (insert only the chunk's winners over the current minimum; default for topk > 8,
-    where "extract" measured 3x slower than the PyTorch reference at top-32).
+    where "extract" measured 3x slower than the PyTorch reference at top-32) or "sort" (bitonic
+    networks: chunk top-W, then top-W of both lists; needs BLOCK_B >= W; not yet timed on a GPU).
     """
     n_tokens, hq, d = q.shape
     hkv = ck.shape[1]
@@ -219,18 +234,20 @@ def select_blocks(q: Tensor, ck: Tensor, lse: Tensor, comp_block_ids: Tensor, nu
     w = triton.next_power_of_2(topk)
     if merge is None:
         merge = "extract" if w <= 8 else "replace"
-    if merge not in ("extract", "replace"):
-        raise ValueError(f"merge must be 'extract' or 'replace', not {merge!r}")
+    if merge not in ("extract", "replace", "sort"):
+        raise ValueError(f"merge must be 'extract', 'replace' or 'sort', not {merge!r}")
+    if merge == "sort" and block_b is not None and block_b < w:
+        raise ValueError("merge='sort' needs block_b >= the padded topk")
     if variant == "rows":
         kernel = _select_rows_fwd
         if block_b is None:
-            block_b = max(1, 64 // r)
+            block_b = max(1, 64 // r, w if merge == "sort" else 1)
         if tokens_per_program is None:
             tokens_per_program = max(1, 64 // group)
     elif variant == "heads":
         kernel = _select_heads_fwd
         if block_b is None:
-            block_b = 32
+            block_b = max(32, w)
         tokens_per_program = max(16, tokens_per_program or 32)
     else:
         raise ValueError(f"variant must be 'rows' or 'heads', not {variant!r}")
@@ -239,5 +256,5 @@ def select_blocks(q: Tensor, ck: Tensor, lse: Tensor, comp_block_ids: Tensor, nu
                  q.stride(0), q.stride(1), ck.stride(0), ck.stride(1), out.stride(0), out.stride(1),
                  LOG2E / math.sqrt(d),
                  G=group, TOKENS=tokens_per_program, D=d, R=r, BLOCK_B=block_b, W=w,
-                 REPLACE=merge == "replace", num_warps=num_warps)
+                 REPLACE=merge == "replace", SORT=merge == "sort", num_warps=num_warps)
     return out

@@ -145,6 +145,10 @@ def test_ssa_kernels_match_reference(cbs, hq, hkv, topk, dtype):
         got = tk.select_blocks(q, ck, ref_lse, case["comp_block_ids"], case["num_blocks"], topk,
                                tokens_per_program=TILE, merge=other)
         topk_agrees(got, case, ref_lse, topk)
+    if hq == 8:                           # the bitonic "sort" merge (small top-k: cheap to interpret)
+        got = tk.select_blocks(q, ck, ref_lse, case["comp_block_ids"], case["num_blocks"], topk,
+                               tokens_per_program=TILE, merge="sort")
+        topk_agrees(got, case, ref_lse, topk)
     if cbs == 4 and topk == 8:            # the "heads" scoring layout (R = 8 member slots)
         got = tk.select_blocks(q, ck, ref_lse, case["comp_block_ids"], case["num_blocks"], topk,
                                variant="heads", tokens_per_program=TILE)
