@@ -675,6 +675,13 @@ class Worker:
                 job.cancel_requested.set()
         if job is not None and job.thread is not None:
             job.thread.join(timeout=30)
+            if job.thread.is_alive():
+                # A stage that does not poll the cancel flag is still running; exiting the
+                # interpreter under a busy torch thread aborts, so leave at once instead.
+                log.warning("job %r did not stop within 30 s; exiting without waiting", job.id)
+                logging.shutdown()
+                sys.stderr.flush()
+                os._exit(0)
         self.release_pipeline()
         log.info("worker stopped")
 
