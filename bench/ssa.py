@@ -267,9 +267,15 @@ def run_case(name: str, layout_name: str, args, tk, peak: float, rows: list, che
         variants += [("heads", tpp, bb, nw) for tpp in (16, 32, 64) for bb in (16, 32) for nw in (4, 8)]
         for var, tpp, bb, nw in variants:
             for merge in ("extract", "replace", "sort"):
-                ms = time_ms(lambda: tk.select_blocks(q, ck, r_lse, comp_ids, nb, topk, members=members,
-                                                      variant=var, tokens_per_program=tpp, block_b=bb,
-                                                      num_warps=nw, merge=merge))
+                if merge == "extract" and topk > 8:
+                    continue            # measured 27 ms at 18k top-32: not worth the time
+                try:
+                    ms = time_ms(lambda: tk.select_blocks(q, ck, r_lse, comp_ids, nb, topk, members=members,
+                                                          variant=var, tokens_per_program=tpp, block_b=bb,
+                                                          num_warps=nw, merge=merge))
+                except Exception as e:  # noqa: BLE001
+                    print("tune fail", var, tpp, bb, nw, merge, repr(e)[:200])
+                    continue
                 print(f"TUNE topk {name} {layout_name} {var} tokens={tpp} block_b={bb} warps={nw} "
                       f"merge={merge}: {ms:.3f} ms")
     sys.stdout.flush()
