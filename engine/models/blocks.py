@@ -10,21 +10,44 @@ from torch import nn
 
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
+# device type -> whether F.layer_norm takes a half input with fp32 weight/bias there (learnt on first use)
+_MIXED_LAYER_NORM: dict = {}
+
+
+def half_layer_norm(x: torch.Tensor, shape, weight, bias, eps: float) -> torch.Tensor:
+    """LayerNorm of a half tensor with fp32 statistics and fp32 affine parameters, rounded once.
+
+    Without affine parameters `F.layer_norm` on the half tensor is exactly that (its kernels
+    accumulate in fp32). With fp32 parameters it is used where the backend accepts the mixed dtypes
+    (CPU does; a backend that rejects them raises before launching anything, which is remembered);
+    otherwise the input makes the fp32 round trip.
+    """
+    if weight is None and bias is None:
+        return F.layer_norm(x, shape, None, None, eps)
+    key = x.device.type
+    if _MIXED_LAYER_NORM.get(key, True):
+        try:
+            out = F.layer_norm(x, shape, weight, bias, eps)
+        except RuntimeError:
+            _MIXED_LAYER_NORM[key] = False
+        else:
+            _MIXED_LAYER_NORM[key] = True
+            return out
+    return F.layer_norm(x.float(), shape, weight, bias, eps).to(x.dtype)
 
 
 class LayerNorm32(nn.LayerNorm):
     """LayerNorm computed in fp32 and cast back to the input dtype.
 
-    For fp16/bf16 inputs `F.layer_norm` is called on the half tensor with fp32 affine parameters: its
-    kernels (CPU and CUDA) accumulate the statistics and evaluate the affine map in fp32 and round
-    once, which is the fp32 computation without the two full-size fp32 round trips.
+    For fp16/bf16 inputs the statistics and the affine map are still evaluated in fp32 and rounded
+    once, but without the full-size fp32 copies of the input and output (`half_layer_norm`).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
         if x.dtype in _HALF_DTYPES:
-            return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+            return half_layer_norm(x, self.normalized_shape, weight, bias, self.eps)
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
 

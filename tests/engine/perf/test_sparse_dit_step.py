@@ -491,3 +491,26 @@ def test_cuda_feed_forward_fused_gelu_matches_modules():
     first, act, second = ff.mlp
     with torch.no_grad():
         torch.testing.assert_close(ff(x), second(act(first(x))), atol=3e-3, rtol=3e-3)
+
+
+def test_layer_norm32_falls_back_where_mixed_dtypes_are_rejected(monkeypatch):
+    from engine.models import blocks
+
+    original = F.layer_norm
+
+    def strict_layer_norm(x, shape, weight=None, bias=None, eps=1e-5):
+        if weight is not None and weight.dtype != x.dtype:
+            raise RuntimeError("expected scalar type Half but found Float")
+        return original(x, shape, weight, bias, eps)
+
+    monkeypatch.setattr(blocks.F, "layer_norm", strict_layer_norm)
+    monkeypatch.setattr(blocks, "_MIXED_LAYER_NORM", {})
+    norm = LayerNorm32(64, elementwise_affine=True, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(5, 64).half()
+    ref = original(x.float(), (64,), norm.weight, norm.bias, 1e-6).half()
+    assert torch.equal(norm(x), ref)
+    assert blocks._MIXED_LAYER_NORM == {"cpu": False}
+    assert torch.equal(norm(x), ref)             # remembered: straight to the fp32 path
