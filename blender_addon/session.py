@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .engine_client import EngineClient, EngineConfig, Job
+from .engine_client import EngineClient, EngineConfig, EngineError, Job
 
 
 @dataclasses.dataclass
@@ -39,6 +39,9 @@ class EngineSession:
         """Return a running engine with this configuration, starting or restarting it."""
         if self.client is not None and self.client.running and self.client.config == config:
             return self.client
+        if self.busy:
+            raise EngineError("The engine settings changed while a generation is running; "
+                              "wait for it or cancel it, then try again")
         self.stop()
         client = EngineClient(config)
         client.start()
