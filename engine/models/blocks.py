@@ -20,7 +20,8 @@ def half_layer_norm(x: torch.Tensor, shape, weight, bias, eps: float) -> torch.T
     Without affine parameters `F.layer_norm` on the half tensor is exactly that (its kernels
     accumulate in fp32). With fp32 parameters it is used where the backend accepts the mixed dtypes
     (CPU does; a backend that rejects them raises before launching anything, which is remembered);
-    otherwise the input makes the fp32 round trip.
+    otherwise the parameters are cast to the input dtype (statistics and affine map still in fp32,
+    one rounding; the parameters' own rounding adds at most about one half-precision ulp).
     """
     if weight is None and bias is None:
         return F.layer_norm(x, shape, None, None, eps)
@@ -33,7 +34,8 @@ def half_layer_norm(x: torch.Tensor, shape, weight, bias, eps: float) -> torch.T
         else:
             _MIXED_LAYER_NORM[key] = True
             return out
-    return F.layer_norm(x.float(), shape, weight, bias, eps).to(x.dtype)
+    return F.layer_norm(x, shape, None if weight is None else weight.to(x.dtype),
+                        None if bias is None else bias.to(x.dtype), eps)
 
 
 class LayerNorm32(nn.LayerNorm):
