@@ -501,12 +501,16 @@ class SpatialSparseAttention(nn.Module):
         return pack_rows(out, row_packing(voxels)) if x.dim() == 3 else out
 
     def _qkv_weight(self, dtype: torch.dtype) -> Tensor:
-        """proj_q/k/v weights stacked for one GEMM; rebuilt only when a weight changes."""
-        weights = (self.proj_q.weight, self.proj_k.weight, self.proj_v.weight)
+        """proj_q/k/v and gate weights stacked for one GEMM (zero rows pad the output width to a
+        multiple of 8, which keeps half-precision rows 16-byte aligned); rebuilt only when a weight
+        changes."""
+        weights = (self.proj_q.weight, self.proj_k.weight, self.proj_v.weight, self.gate[0].weight)
         key = (dtype,) + tuple((w.data_ptr(), w._version, w.device) for w in weights)
         cached = getattr(self, "_qkv_cache", None)
         if cached is None or cached[0] != key or torch.is_grad_enabled():
-            stacked = torch.cat(weights).to(dtype)
+            rows = sum(w.shape[0] for w in weights)
+            padding = weights[0].new_zeros(-rows % 8, weights[0].shape[1])
+            stacked = torch.cat([w.to(dtype) for w in weights] + [padding.to(dtype)])
             if torch.is_grad_enabled() or (stacked.is_cuda and torch.cuda.is_current_stream_capturing()):
                 return stacked   # autograd needs the graph; a capture must not leave its memory in a cache
             cached = (key, stacked)
@@ -520,7 +524,9 @@ class SpatialSparseAttention(nn.Module):
         n_tokens = x.shape[0]
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         layout = ssa_layout(voxels, self.compression_block_size, self.selection_block_size)
-        q, k, v = F.linear(x, self._qkv_weight(x.dtype)).split([hq * d, hkv * d, hkv * d], dim=-1)
+        projected = F.linear(x, self._qkv_weight(x.dtype))
+        q, k, v, gate_logits = projected.split([hq * d, hkv * d, hkv * d, projected.shape[-1] - (hq + 2 * hkv) * d],
+                                              dim=-1)
 
         # compressed keys/values (keys carry the learned position inside their compression block);
         # the fp32 position table promotes the sum to fp32, rounded once to the compute dtype
@@ -534,7 +540,7 @@ class SpatialSparseAttention(nn.Module):
         triton_ops = ops is not _TorchOps
         partition = window_partition(voxels, self.window_size, self.shift_window)
         windowed = getattr(ops, "windowed_attention", windowed_attention)(q, k, v, partition)
-        gates = self.gate(x).unsqueeze(-1).unsqueeze(-1)                     # [N, 3, 1, 1]
+        gates = self.gate[1](gate_logits[:, :3]).unsqueeze(-1).unsqueeze(-1)  # sigmoid: [N, 3, 1, 1]
         # gated sum written per batch-element group straight from the kernels' outputs (no copies back);
         # with autograd on, the same sum out of place, per element, concatenated in row order
         mixed = torch.empty_like(q)
