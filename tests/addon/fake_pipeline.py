@@ -72,7 +72,9 @@ class FakePipeline:
             if should_cancel is not None and should_cancel():
                 raise GenerationCancelled()
             time.sleep(step_seconds)
-            print("stray print from the fake pipeline")  # must not reach the protocol stream
+            # Neither a Python print nor a C-level write to fd 1 may reach the protocol stream.
+            print("stray print from the fake pipeline")
+            os.write(1, b"stray write to file descriptor 1\n")
             if on_progress is not None:
                 elapsed = time.monotonic() - started
                 on_progress(Progress("dense", step, total, elapsed, elapsed / step * (total - step)))
