@@ -83,6 +83,50 @@ def _triton_kernels(x: Tensor) -> Optional[SimpleNamespace]:
     return SimpleNamespace(adaptive=adaptive, norm=norm)
 
 
+_CONV_BACKENDS = ("torch", "triton")
+_conv_backend = "torch"
+
+
+def set_conv_backend(name: str) -> str:
+    """Select how the narrow 3x3x3 convolutions run; returns the previous setting.
+
+    ``"torch"`` (default): ``F.conv3d`` (cuDNN on CUDA). ``"triton"``: the fp16/bf16 convolutions with
+    at most 64 input and 32 output channels (the full-resolution layers) run on the Triton kernel of
+    :mod:`engine.kernels.conv3d` (on CPU only through ``TRITON_INTERPRET=1``); others stay on torch.
+    """
+    global _conv_backend
+    if name not in _CONV_BACKENDS:
+        raise ValueError(f"unknown refiner conv backend {name!r}; expected one of {_CONV_BACKENDS}")
+    previous, _conv_backend = _conv_backend, name
+    return previous
+
+
+@contextlib.contextmanager
+def conv_backend(name: str) -> Iterator[None]:
+    """Context manager form of :func:`set_conv_backend`."""
+    previous = set_conv_backend(name)
+    try:
+        yield
+    finally:
+        set_conv_backend(previous)
+
+
+class Conv3x3x3(nn.Conv3d):
+    """``nn.Conv3d(in, out, 3, padding=1)`` (same parameters and keys) with the Triton path of
+    :func:`set_conv_backend` for narrow low-precision layers."""
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True):
+        super().__init__(in_channels, out_channels, 3, padding=1, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if _conv_backend == "triton" and x.dim() == 5 and x.dtype in (torch.float16, torch.bfloat16) \
+                and x.dtype == self.weight.dtype:
+            import engine.kernels.conv3d as kernel  # imported here: tests reload it under the interpreter
+            if self.in_channels <= kernel.MAX_IN_CHANNELS and self.out_channels <= kernel.MAX_OUT_CHANNELS:
+                return kernel.conv3d_3x3x3(x, self.weight, self.bias)
+        return super().forward(x)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Group norm in fp32 without a full fp32 copy of the activation
 # ----------------------------------------------------------------------------------------------------
@@ -156,9 +200,9 @@ class ResnetBlock3D(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, groups: int, eps: float):
         super().__init__()
         self.norm1 = GroupNorm32(groups, in_channels, eps=eps)
-        self.conv1 = nn.Conv3d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv3x3x3(in_channels, out_channels)
         self.norm2 = GroupNorm32(groups, out_channels, eps=eps)
-        self.conv2 = nn.Conv3d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = Conv3x3x3(out_channels, out_channels)
         self.conv_shortcut = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: Tensor, consume_input: bool = False) -> Tensor:
@@ -259,7 +303,7 @@ class UNet3D(nn.Module):
         super().__init__()
         widths = list(block_out_channels)
         self.block_out_channels = tuple(widths)
-        self.conv_in = nn.Conv3d(in_channels, widths[0], 3, padding=1)
+        self.conv_in = Conv3x3x3(in_channels, widths[0])
         self.down_blocks = nn.ModuleList()
         previous = widths[0]
         for i, width in enumerate(widths):
@@ -351,8 +395,8 @@ def adaptive_filter(x: Tensor, raw_weights: Tensor, iterations: int = 3) -> Tens
 
 def _adaptive_weight_net(channels: int = 8) -> nn.Sequential:
     """conv(8->8, 3) + ReLU + conv(8->27, 3, no bias): keys ``.0`` and ``.2``."""
-    return nn.Sequential(nn.Conv3d(channels, channels, 3, padding=1), nn.ReLU(),
-                         nn.Conv3d(channels, 27, 3, padding=1, bias=False))
+    return nn.Sequential(Conv3x3x3(channels, channels), nn.ReLU(),
+                         Conv3x3x3(channels, 27, bias=False))
 
 
 class GeoDecoder(nn.Module):
@@ -495,15 +539,15 @@ class Refiner512(_DenseLayout, nn.Module):
             raise ValueError("Refiner512 needs a config with sign=False")
         self.config = config
         width = config.block_out_channels[0]
-        self.conv_in = nn.Conv3d(config.in_channels, 8, 3, padding=1)
+        self.conv_in = Conv3x3x3(config.in_channels, 8)
         self.latent_mlp = GeoDecoder(32, 32, 8)
         self.unet3d1 = UNet3D(16, config.block_out_channels, config.layers_per_block, config.layers_mid_block,
                               config.norm_num_groups, 1e-5)
         self.adaptive_conv1 = _adaptive_weight_net(width)
         self.adaptive_conv2 = _adaptive_weight_net(8)
         self.adaptive_conv3 = _adaptive_weight_net(8)
-        self.mid_conv = nn.Conv3d(width, 8, 3, padding=1)
-        self.conv_out = nn.Conv3d(8, config.out_channels, 3, padding=1)
+        self.mid_conv = Conv3x3x3(width, 8)
+        self.conv_out = Conv3x3x3(8, config.out_channels)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -695,10 +739,10 @@ class SignRefiner1024(_DenseLayout, nn.Module):
             raise ValueError("SignRefiner1024 needs a config with sign=True")
         self.config = config
         width = config.block_out_channels[0]
-        self.conv_in = nn.Conv3d(config.in_channels, 8, 3, padding=1)
+        self.conv_in = Conv3x3x3(config.in_channels, 8)
         self.unet3d1 = UNet3D(8, config.block_out_channels, config.layers_per_block, config.layers_mid_block,
                               config.norm_num_groups, 1e-5)
-        self.conv_out = nn.Conv3d(width, config.out_channels, 3, padding=1)
+        self.conv_out = Conv3x3x3(width, config.out_channels)
 
     @property
     def compute_dtype(self) -> torch.dtype:

@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 from engine.models import refiners  # noqa: E402
-from engine.models.refiners import Refiner512, SignRefiner1024, kernel_backend  # noqa: E402
+from engine.models.refiners import Refiner512, SignRefiner1024, conv_backend, kernel_backend  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CL = torch.channels_last_3d
@@ -42,8 +42,9 @@ def _fix_interpreter_scalar_index():
 
 
 def _kernel_modules():
-    """engine.kernels.{group_norm, adaptive_filter}, (re)loaded under the interpreter when on CPU."""
+    """engine.kernels.{group_norm, adaptive_filter, conv3d}, (re)loaded under the interpreter on CPU."""
     import engine.kernels.adaptive_filter as adaptive
+    import engine.kernels.conv3d as conv
     import engine.kernels.group_norm as norm
     if os.environ.get("TRITON_INTERPRET") == "1":
         _fix_interpreter_scalar_index()
@@ -52,10 +53,12 @@ def _kernel_modules():
             norm = importlib.reload(norm)
         if not isinstance(adaptive._adaptive_filter_step_kernel, InterpretedFunction):
             adaptive = importlib.reload(adaptive)
-    return norm, adaptive
+        if not isinstance(conv._conv3_kernel, InterpretedFunction):
+            conv = importlib.reload(conv)
+    return norm, adaptive, conv
 
 
-gn_kernels, af_kernels = _kernel_modules()
+gn_kernels, af_kernels, conv_kernels = _kernel_modules()
 
 
 def _layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -142,8 +145,7 @@ def test_group_norm_dispatch_matches_the_chunked_torch_path():
 
 # ------------------------------------------------------------------------------------- adaptive filter
 @pytest.mark.parametrize("dtype, channels, channels_last", [
-    (torch.float32, 8, False), (torch.float16, 8, True), (torch.float16, 1, True), (torch.float32, 3, True),
-    (torch.float16, 3, False)])
+    (torch.float32, 8, False), (torch.float16, 8, True), (torch.float16, 1, True), (torch.float32, 3, True)])
 def test_adaptive_filter_kernel_matches_torch_path(dtype, channels, channels_last):
     gen = torch.Generator().manual_seed(3)
     shape = (2, channels, 6, 5, 7)
@@ -191,7 +193,58 @@ def test_torch_backend_dispatch():
     assert refiners._kernel_backend == "auto"
 
 
+# ------------------------------------------------------------------------------------- convolution
+# fp16 only: Triton's interpreter has no bf16 dot (the compiled kernel takes bf16 like fp16)
+@pytest.mark.parametrize("cin, cout, channels_last, bias", [
+    (8, 8, True, True), (40, 8, True, True), (1, 8, False, True), (8, 27, True, False), (3, 1, False, True)])
+def test_conv_kernel_matches_conv3d(cin, cout, channels_last, bias):
+    dtype = torch.float16
+    gen = torch.Generator().manual_seed(6)
+    x = _layout(torch.randn(2, cin, 5, 6, 7, generator=gen).to(dtype), channels_last).to(DEVICE)
+    weight = (torch.randn(cout, cin, 3, 3, 3, generator=gen) / (3 * cin ** 0.5)).to(dtype)
+    weight = _layout(weight, channels_last).to(DEVICE)
+    b = torch.randn(cout, generator=gen).to(dtype).to(DEVICE) if bias else None
+    out = conv_kernels.conv3d_3x3x3(x, weight, b, block_voxels=64)  # ragged last program
+    assert out.dtype == dtype and out.shape == (2, cout, 5, 6, 7)
+    if channels_last and cout > 1:
+        assert out.is_contiguous(memory_format=CL)
+    # fp32 sums of the exact products, one final rounding
+    expected = F.conv3d(x.double(), weight.double(), b.double() if bias else None, padding=1).to(dtype)
+    _assert_one_rounding(out, expected, atol=1e-4)
+
+
+def test_conv_kernel_rejects_what_it_does_not_cover():
+    x = torch.randn(1, 8, 4, 4, 4, device=DEVICE).half()
+    with pytest.raises(ValueError):
+        conv_kernels.conv3d_3x3x3(x, torch.randn(8, 8, 2, 2, 2, device=DEVICE).half())
+    with pytest.raises(ValueError):
+        conv_kernels.conv3d_3x3x3(x, torch.randn(64, 8, 3, 3, 3, device=DEVICE).half())
+    with pytest.raises(ValueError):
+        conv_kernels.conv3d_3x3x3(x, torch.randn(8, 8, 3, 3, 3, device=DEVICE))
+    with pytest.raises(ValueError):
+        refiners.set_conv_backend("cudnn")
+
+
+def test_conv_module_dispatch():
+    from engine.models.refiners import Conv3x3x3
+    gen = torch.Generator().manual_seed(7)
+    wide = Conv3x3x3(8, 64).half().to(DEVICE)  # more than 32 outputs: stays on torch
+    narrow = Conv3x3x3(8, 8).half().to(DEVICE)
+    assert list(narrow.state_dict()) == ["weight", "bias"] and isinstance(narrow, torch.nn.Conv3d)
+    x = torch.randn(1, 8, 4, 5, 6, generator=gen).half().to(DEVICE)
+    with torch.no_grad():
+        with conv_backend("torch"):
+            expected_wide, expected_narrow = wide(x), narrow(x)
+        with conv_backend("triton"):
+            assert torch.equal(wide(x), expected_wide)
+            _assert_one_rounding(narrow(x), expected_narrow, atol=1e-3)
+
+
 # ----------------------------------------------------------------------------- whole refiner patches
+# The interpreter's fp16 dot products are slow (tens of seconds per patch): on CPU the whole-patch runs
+# keep torch convolutions, the conv kernel being covered above.
+FULL_PATCH_CONVS = "triton" if torch.cuda.is_available() else "torch"
+
 def _fixture_model(fx, cls, sign, dtype):
     from engine.configs import RefinerConfig
     from engine.models import cast_compute_layers
@@ -210,6 +263,7 @@ def _within(ours, ref, tol):
 
 
 def test_refiner512_patch_with_kernels_and_channels_last(parity_fixture):
+    """The whole patch with the Triton kernels (norms, adaptive filters; narrow convs on CUDA) in channels_last."""
     fx = parity_fixture("refiner512_patch.pt")
     model = _fixture_model(fx, Refiner512, False, torch.float16)
     sdf, feat = fx["inputs"]["sdf_patch"].to(DEVICE), fx["inputs"]["feat_patch"].to(DEVICE)
@@ -218,7 +272,7 @@ def test_refiner512_patch_with_kernels_and_channels_last(parity_fixture):
             reference = model.refine_patch(sdf, feat)
         model.channels_last = True
         stages = {}
-        with kernel_backend("triton"):
+        with kernel_backend("triton"), conv_backend(FULL_PATCH_CONVS):
             out = model.refine_patch(sdf, feat, stages)
     assert model.unet3d1.conv_in.weight.is_contiguous(memory_format=CL)
     tol = fx["tolerance_per_output"]
@@ -235,7 +289,7 @@ def test_sign_refiner_patch_with_kernels_and_channels_last(parity_fixture):
     fx = parity_fixture("refiner1024_patch.pt")
     model = _fixture_model(fx, SignRefiner1024, True, torch.float16)
     model.channels_last = True
-    with torch.inference_mode(), kernel_backend("triton"):
+    with torch.inference_mode(), kernel_backend("triton"), conv_backend(FULL_PATCH_CONVS):
         logits = model.sign_logits_patch(fx["inputs"]["sdf_patch"].to(DEVICE))
     tol = fx["tolerance_per_output"]["logits"]
     ok, rel = _within(logits, fx["outputs"]["logits"], tol)
