@@ -16,7 +16,9 @@ Useful FLOPs (4·Hq·D per query-key pair; masked work of union tiles not counte
 fraction of a measured bf16 8192^3 matmul. Also checks ours against the reference at full size
 (top-k rows identical up to near-ties, relative output errors).
 
-    python bench/ssa.py [--sets 15k,18k,60k,130k] [--layouts v1.1,v1.0] [--tune] [--skip-ref] [--json out.json]
+    python bench/ssa.py [--sets 15k,18k,off18k,60k,off60k,130k] [--layouts v1.1,v1.0] [--tune] [--skip-ref]
+                        [--json out.json]
+    python bench/ssa.py --smoke      # CPU: runs the script through Triton's interpreter on ~200 tokens
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from engine.sparse.attention import window_partition, windowed_attention  # noqa
 from engine.sparse.ordering import sort_block_order  # noqa: E402
 
 HQ, HKV, D = 32, 2, 32
+DEV = "cuda"      # "cpu" with --smoke (Triton interpreter, wall-clock timer): checks the script only
 
 
 # ------------------------------------------------------------------ token sets
@@ -71,6 +74,7 @@ def shell(grid: int, kind: str, thickness: float, device, radius: float = 0.44) 
 
 
 SETS = {  # name: (grid, shape, thickness[, sphere radius / grid])
+    "smoke": (16, "sphere", 1.0, 0.3),    # ~200 tokens, for --smoke
     "15k": (64, "sphere", 1.55),
     "18k": (64, "sphere", 1.85),
     # the official kernel's measurement sets (shared/docs/direct3d-s2-architecture.md 4.1): 18,208
@@ -90,6 +94,10 @@ def pooled(x: torch.Tensor, token_to_comp: torch.Tensor, counts: torch.Tensor) -
 
 # ------------------------------------------------------------------ timing
 def time_ms(fn, warmup: int = 3, reps: int = 10) -> float:
+    if DEV == "cpu":
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -106,9 +114,9 @@ def time_ms(fn, warmup: int = 3, reps: int = 10) -> float:
 
 
 def matmul_peak() -> float:
-    n = 8192
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    n = 8192 if DEV == "cuda" else 256
+    a = torch.randn(n, n, device=DEV, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=DEV, dtype=torch.bfloat16)
     ms = time_ms(lambda: a @ b, warmup=5, reps=20)
     return 2 * n ** 3 / ms / 1e9       # TFLOP/s
 
@@ -116,21 +124,21 @@ def matmul_peak() -> float:
 # ------------------------------------------------------------------ one case
 def run_case(name: str, layout_name: str, args, tk, peak: float, rows: list, checks: list):
     grid, kind, thick, *radius = SETS[name]
-    coords = shell(grid, kind, thick, "cuda", *radius)
+    coords = shell(grid, kind, thick, DEV, *radius)
     n = coords.shape[0]
     cbs = 8 if layout_name == "v1.1" else 4
     topk = 8 if (layout_name == "v1.1" or grid == 128) else 32
     lay = ref.compute_ssa_layout(coords, cbs, 8)
     blocks = lay.elements[0].blocks
     nb, offsets, comp_ids = blocks.num_blocks, blocks.block_offsets, blocks.comp_block_ids
-    g = torch.Generator(device="cuda").manual_seed(0)
+    g = torch.Generator(device=DEV).manual_seed(0)
     dt = torch.float16
-    q = torch.randn(n, HQ, D, device="cuda", dtype=dt, generator=g)
-    k = torch.randn(n, HKV, D, device="cuda", dtype=dt, generator=g)
-    v = torch.randn(n, HKV, D, device="cuda", dtype=dt, generator=g)
+    q = torch.randn(n, HQ, D, device=DEV, dtype=dt, generator=g)
+    k = torch.randn(n, HKV, D, device=DEV, dtype=dt, generator=g)
+    v = torch.randn(n, HKV, D, device=DEV, dtype=dt, generator=g)
     # spatially coherent keys: add a smooth function of position so that near blocks score higher
     pos = coords[:, 1:].float() / grid
-    freq = torch.randn(3, HKV * D, device="cuda", generator=g) * 6
+    freq = torch.randn(3, HKV * D, device=DEV, generator=g) * 6
     smooth = torch.sin(pos @ freq).view(n, HKV, D).to(dt) * 1.5
     k = k + smooth
     q = q + smooth.repeat_interleave(HQ // HKV, dim=1)
@@ -138,7 +146,7 @@ def run_case(name: str, layout_name: str, args, tk, peak: float, rows: list, che
     cv = pooled(v, lay.token_to_comp, lay.comp_counts)
     nc = ck.shape[0]
     part = window_partition(coords, 8, 4)
-    gates = torch.rand(n, 3, 1, 1, device="cuda", dtype=dt)
+    gates = torch.rand(n, 3, 1, 1, device=DEV, dtype=dt)
     members = tk.block_members(comp_ids, nb, max_members=(8 // cbs) ** 3)
 
     # ---------------------------------------------------------- correctness at full size
@@ -292,12 +300,20 @@ def main():
     ap.add_argument("--tune", action="store_true", help="also time kernel variants (prints TUNE lines)")
     ap.add_argument("--skip-ref", action="store_true", help="skip the PyTorch reference timings")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--smoke", action="store_true",
+                    help="run the script on the CPU through Triton's interpreter on a tiny set (no timings)")
     args = ap.parse_args()
+    global DEV
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"
+        DEV = "cpu"
+        args.sets = "smoke"
     args.layouts = args.layouts.split(",")
     import engine.attention.triton as tk
     torch.backends.cuda.matmul.allow_tf32 = False
     peak = matmul_peak()
-    print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  bf16 matmul peak {peak:.0f} TFLOP/s")
+    name = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke)"
+    print(f"device {name}  torch {torch.__version__}  bf16 matmul peak {peak:.0f} TFLOP/s")
     rows, checks = [], []
     for name in args.sets.split(","):
         for lay in args.layouts:
@@ -317,7 +333,7 @@ def main():
               f"{fmt(r['speedup_vs_dense'], '.1f')} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(peak=peak, rows=rows, checks=checks, device=torch.cuda.get_device_name()), f, indent=1)
+            json.dump(dict(peak=peak, rows=rows, checks=checks, device=name), f, indent=1)
 
 
 if __name__ == "__main__":

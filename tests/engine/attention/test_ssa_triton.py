@@ -23,27 +23,11 @@ from engine.attention import ssa as ref  # noqa: E402
 from engine.sparse.ordering import sort_block_order  # noqa: E402
 
 
-def _interpreter_numpy_fix():
-    """Triton 3.6's interpreter turns scalar tensors into ints with `int(array_of_shape_1)`, which
-    numpy >= 2.4 rejects (runtime loop bounds then fail); re-patch `__index__` to take the element."""
-    from triton.runtime import interpreter
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "_ssa_fixed", False):
-        return
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._ssa_fixed = True
-    interpreter._patch_lang_tensor = patched
-
-
 def _load_kernels():
     """Import engine.attention.triton; reload its modules if they were built without the interpreter."""
     import engine.attention.triton as tk
     if os.environ.get("TRITON_INTERPRET") == "1":
-        _interpreter_numpy_fix()
+        tk._interpreter_numpy_fix()      # (also applied on import when the variable is set)
         from triton.runtime.interpreter import InterpretedFunction
         from engine.attention.triton import compressed
         if not isinstance(compressed._compressed_fwd, InterpretedFunction):
