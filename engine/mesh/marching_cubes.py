@@ -11,7 +11,7 @@ on a volume indexed ``[x, y, z]``):
 
 The case table is generated here from first principles: for every sign configuration of the 8
 corners and every choice on the ambiguous cube faces, each face contributes oriented iso-segments,
-the segments are chained into closed loops on the cube surface and every loop is fan-triangulated.
+the segments are chained into closed loops on the cube surface and every loop is triangulated.
 Ambiguous faces (diagonal corners on the same side) are resolved with the asymptotic decider, which
 uses only the four values of that face, so the two cells sharing a face always agree and the mesh
 is watertight. ``face_rule="separate"`` instead always separates the above corners (a fixed,
@@ -19,11 +19,15 @@ sign-only rule). Loops that cannot be triangulated without a diagonal lying in a
 the neighbouring cell could share, making a non-manifold edge) get an extra vertex at the mean of
 their crossings, as Lewiner's tables do for some cases.
 
-Interior (cube-centre) ambiguities are not resolved: every loop becomes its own patch (no MC33
-tunnels). On smooth fields this gives exactly skimage's topology. On noisy fields the two can
-differ in a few cells: skimage's Lewiner tables put a tunnel into some cells with two opposite
-corners where the trilinear interpolant has none (checked by dense sampling, see the tests), and
-conversely true trilinear tunnels (rare) are not reproduced here.
+Interior ambiguities follow the trilinear interpolant too (``resolve_interior=True``): where the
+interpolant joins two same-side surface regions through the cell (MC33 tunnels), the two loops
+between them are joined by a tube instead of two caps (through a ring of extra vertices when a
+direct strip would need an edge inside a cube face). The test sweeps z-sections: regions meet
+inside the cell only across a section diagonal, decided per section by the bilinear saddle, which
+is a quadratic in z maximised exactly. The result has the topology of the trilinear interpolant
+(checked against dense sampling and against a finely refined grid in the tests). skimage's Lewiner
+implementation differs from it in some cells (e.g. it puts a tunnel between two opposite corners
+where the interpolant has none), so on noisy fields the two can differ; on smooth fields they agree.
 """
 from __future__ import annotations
 
@@ -139,6 +143,9 @@ EDGE_FACES = _build_edge_faces()
 
 
 def _on_common_face(edge_a: int, edge_b: int) -> bool:
+    """Whether two cell-edge vertices lie in one cube face (extra vertices, ids >= 12, never do)."""
+    if edge_a >= 12 or edge_b >= 12:
+        return False
     return bool(EDGE_FACES[edge_a] & EDGE_FACES[edge_b])
 
 
@@ -220,9 +227,186 @@ def _loop_orientation_flip() -> bool:
     return float(np.dot(normal, towards_corner0)) < 0
 
 
+def _surface_regions(case: int, face_bits: int) -> list[int]:
+    """Label (smallest corner index) of each corner's region on the cube surface: corners joined by
+    a cube edge on one side of the level, or by the connected diagonal of an ambiguous face."""
+    label = list(range(8))
+
+    def find(c):
+        while label[c] != c:
+            c = label[c]
+        return c
+
+    def union(i, j):
+        ri, rj = find(i), find(j)
+        if ri != rj:
+            label[max(ri, rj)] = min(ri, rj)
+
+    for start, end in zip(EDGE_START, EDGE_END):
+        if ((case >> int(start)) & 1) == ((case >> int(end)) & 1):
+            union(int(start), int(end))
+    for face in range(6):
+        if _is_face_ambiguous(case, face):
+            c0, c1, c2, c3 = (int(c) for c in FACE_CORNERS[face])
+            above_first = (case >> c0) & 1
+            connect_above = bool((face_bits >> face) & 1)
+            if connect_above == bool(above_first):
+                union(c0, c2)
+            else:
+                union(c1, c3)
+    return [find(c) for c in range(8)]
+
+
+def _tube(loop_a: list[int], loop_b: list[int]):
+    """Triangle strip joining two loops into a tube, or None.
+
+    Each loop edge keeps the direction it has in a cap (so the neighbours still agree); the strip
+    therefore walks loop_a forwards and loop_b backwards. A state (i, j) counts the steps taken on
+    each loop; its rung joins a[i0 + i] and b[j0 - j]. The walk starts with a step on loop_a and
+    ends with a step on loop_b so that every rung occurs once (the start rung closes the strip).
+    Rungs must not lie in a cube face. Among valid walks the most evenly interleaved one is taken.
+    """
+    m, n = len(loop_a), len(loop_b)
+    for i0 in range(m):
+        for j0 in range(n):
+            def rung_ok(i, j):
+                return not _on_common_face(loop_a[(i0 + i) % m], loop_b[(j0 - j) % n])
+
+            if not rung_ok(0, 0):
+                continue
+            # came_from[(i, j)]: the previous state on a valid walk from (1, 0)
+            came_from = {(1, 0): (0, 0)} if rung_ok(1, 0) else {}
+            for total in range(2, m + n):
+                for i in range(max(1, total - (n - 1)), min(m, total) + 1):
+                    j = total - i
+                    if (i, j) == (m, 0) or not rung_ok(i, j):
+                        continue
+                    options = [prev for prev in ((i - 1, j), (i, j - 1)) if prev in came_from]
+                    if options:
+                        # prefer the predecessor closest to the even interleaving i / m = j / n
+                        came_from[(i, j)] = min(options, key=lambda st: abs(st[0] / m - st[1] / n))
+            if (m, n - 1) not in came_from:
+                continue
+            came_from[(m, n)] = (m, n - 1)
+            triangles = []
+            state = (m, n)
+            while state != (0, 0):
+                pi, pj = came_from[state]
+                a_i, b_j = loop_a[(i0 + pi) % m], loop_b[(j0 - pj) % n]
+                if state[0] > pi:  # a step on loop_a
+                    triangles.append((a_i, loop_a[(i0 + pi + 1) % m], b_j))
+                else:  # a (backwards) step on loop_b
+                    triangles.append((loop_b[(j0 - pj - 1) % n], b_j, a_i))
+                state = (pi, pj)
+            return triangles[::-1]
+    return None
+
+
+def _cap_loops(loops: list[list[int]], skip: tuple[int, ...] = ()) -> tuple[list, list]:
+    """Cap every loop not in ``skip`` (face-diagonal-free triangulation, else a centre fan)."""
+    triangles: list[tuple[int, int, int]] = []
+    centres: list[list[int]] = []
+    for k, loop in enumerate(loops):
+        if k in skip:
+            continue
+        tris = _triangulate_polygon(tuple(loop))
+        if tris is None:
+            centre = 12 + len(centres)
+            centres.append(loop)
+            tris = tuple((centre, loop[i], loop[(i + 1) % len(loop)]) for i in range(len(loop)))
+        triangles.extend(tris)
+    return triangles, centres
+
+
+def _tunnel_options(case: int, face_bits: int) -> dict[tuple[int, int], tuple]:
+    """Alternative triangulations where two same-side surface regions are joined through the cell.
+
+    For regions P and Q separated by exactly two loops (P -L1- M -L2- Q on the cube surface), the
+    caps of L1 and L2 are replaced by a tube; keyed by the (P, Q) region labels, P < Q.
+    """
+    loops = _loops(case, face_bits)
+    if len(loops) < 2:
+        return {}
+    regions = _surface_regions(case, face_bits)
+    loop_sides = []  # (above region, below region) of each loop
+    for loop in loops:
+        s, t = int(EDGE_START[loop[0]]), int(EDGE_END[loop[0]])
+        above, below = (s, t) if (case >> s) & 1 else (t, s)
+        loop_sides.append((regions[above], regions[below]))
+    options = {}
+    for i in range(len(loops)):
+        for j in range(i + 1, len(loops)):
+            (above_i, below_i), (above_j, below_j) = loop_sides[i], loop_sides[j]
+            for middle_i, outer_i, middle_j, outer_j in (
+                (below_i, above_i, below_j, above_j),  # two above regions around one below region
+                (above_i, below_i, above_j, below_j),  # two below regions around one above region
+            ):
+                if middle_i != middle_j or outer_i == outer_j:
+                    continue
+                triangles, centres = _cap_loops(loops, skip=(i, j))
+                tube = _tube(loops[i], loops[j])
+                if tube is None:
+                    # Every direct strip needs a rung inside a cube face; go through a ring of extra
+                    # vertices instead, r_k at the mean of a_k and all of loop j (inside the cell).
+                    ring = [12 + len(centres) + k for k in range(len(loops[i]))]
+                    centres = centres + [[a] + loops[j] for a in loops[i]]
+                    ring_as_far_end = [ring[0]] + ring[:0:-1]  # oriented like loop j, r_0 first
+                    tube = (_tube(loops[i], ring_as_far_end) or []) + (_tube(ring, loops[j]) or [])
+                options[(min(outer_i, outer_j), max(outer_i, outer_j))] = (triangles + tube, centres)
+    return options
+
+
 @functools.lru_cache(maxsize=None)
+def _build_tables() -> dict[str, np.ndarray]:
+    """All generated tables.
+
+    Base rows ``case * 64 + bits`` (see ``case_table``) cap every loop. ``region_label[row]`` gives
+    each corner's surface region (smallest corner of the region). ``tunnel_map[row, 8 * P + Q]`` is
+    the row to use when the trilinear interpolant joins regions P < Q through the cell interior
+    (the base row itself when no such triangulation exists); tunnel rows follow the base rows.
+    """
+    flip = _loop_orientation_flip()
+    ambiguous_mask = np.zeros(256, dtype=np.int64)
+    region_label = np.tile(np.arange(8, dtype=np.int64), (256 * 64, 1))
+    tunnel_map = np.tile(np.arange(256 * 64, dtype=np.int64)[:, None], (1, 64))
+    entries: dict[int, tuple] = {}
+    tunnel_rows = []
+    for case in range(256):
+        amb_faces = [f for f in range(6) if _is_face_ambiguous(case, f)]
+        ambiguous_mask[case] = sum(1 << f for f in amb_faces)
+        for choice in range(1 << len(amb_faces)):
+            bits = sum(1 << f for i, f in enumerate(amb_faces) if (choice >> i) & 1)
+            row = case * 64 + bits
+            entries[row] = _cap_loops(_loops(case, bits))
+            region_label[row] = _surface_regions(case, bits)
+            for (p, q), option in _tunnel_options(case, bits).items():
+                tunnel_map[row, p * 8 + q] = 256 * 64 + len(tunnel_rows)
+                tunnel_rows.append(option)
+    for k, option in enumerate(tunnel_rows):
+        entries[256 * 64 + k] = option
+    num_rows = 256 * 64 + len(tunnel_rows)
+    max_tris = max(len(t) for t, _ in entries.values())
+    max_centres = max(1, max(len(c) for _, c in entries.values()))
+    table = np.full((num_rows, max_tris, 3), -1, dtype=np.int8)
+    centre_members = np.zeros((num_rows, max_centres, 12), dtype=bool)
+    for row, (tris, centres) in entries.items():
+        if flip:
+            tris = [(a, c, b) for a, b, c in tris]
+        if tris:
+            table[row, : len(tris)] = np.array(tris, dtype=np.int8)
+        for slot, loop in enumerate(centres):
+            centre_members[row, slot, loop] = True
+    return {
+        "table": table,
+        "centre_members": centre_members,
+        "ambiguous_mask": ambiguous_mask,
+        "region_label": region_label,
+        "tunnel_map": tunnel_map,
+    }
+
+
 def case_table() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Generated case tables.
+    """Generated case tables without interior tunnels.
 
     Returns (triangles [256*64, T, 3] int8 local vertex ids padded with -1,
     centre_members [256*64, S, 12] bool (cell edges averaged into extra vertex 12 + s),
@@ -230,38 +414,15 @@ def case_table() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     (bit c set when corner c is above the level) with ``bits`` (masked to the case's ambiguous
     faces) telling which ambiguous faces connect their above corners.
     """
-    flip = _loop_orientation_flip()
-    ambiguous_mask = np.zeros(256, dtype=np.int64)
-    entries: dict[int, tuple] = {}
-    for case in range(256):
-        amb_faces = [f for f in range(6) if _is_face_ambiguous(case, f)]
-        ambiguous_mask[case] = sum(1 << f for f in amb_faces)
-        for choice in range(1 << len(amb_faces)):
-            bits = sum(1 << f for i, f in enumerate(amb_faces) if (choice >> i) & 1)
-            tris, centres = _triangulate(case, bits)
-            if flip:
-                tris = [(a, c, b) for a, b, c in tris]
-            entries[case * 64 + bits] = (tris, centres)
-    max_tris = max(len(t) for t, _ in entries.values())
-    max_centres = max(1, max(len(c) for _, c in entries.values()))
-    table = np.full((256 * 64, max_tris, 3), -1, dtype=np.int8)
-    centre_members = np.zeros((256 * 64, max_centres, 12), dtype=bool)
-    for row, (tris, centres) in entries.items():
-        if tris:
-            table[row, : len(tris)] = np.array(tris, dtype=np.int8)
-        for slot, loop in enumerate(centres):
-            centre_members[row, slot, loop] = True
-    return table, centre_members, ambiguous_mask
+    tables = _build_tables()
+    return tables["table"][: 256 * 64], tables["centre_members"][: 256 * 64], tables["ambiguous_mask"]
 
 
 @functools.lru_cache(maxsize=None)
-def _device_tables(device: torch.device):
-    table, centre_members, ambiguous_mask = case_table()
-    return (
-        torch.from_numpy(table.astype(np.int64)).to(device),
-        torch.from_numpy(centre_members).to(device),
-        torch.from_numpy(ambiguous_mask).to(device),
-    )
+def _device_tables(device: torch.device) -> dict[str, torch.Tensor]:
+    out = {name: torch.from_numpy(array).to(device) for name, array in _build_tables().items()}
+    out["table"] = out["table"].long()
+    return out
 
 
 class _GridKeys:
@@ -325,6 +486,62 @@ class _DenseLookup:
         return self.flat[query_keys]
 
 
+# Bottom corners of the cell in (x, y) section order; corner + 4 is the one above it.
+_SECTION_DIAGONALS = ((0, 3, 1, 2), (1, 2, 0, 3))  # (a, c) diagonal, (b, d) the other diagonal
+
+
+def _interior_rows(values: torch.Tensor, level: float, row: torch.Tensor, region_label: torch.Tensor, tunnel_map: torch.Tensor) -> torch.Tensor:
+    """Table rows with a tunnel where the trilinear interpolant joins two surface regions inside the cell.
+
+    Sweeping planes z = t through the cell, each section is bilinear with corner values linear in t.
+    Within a section, regions of one side only meet across the section interior through a diagonal
+    (a, c) when that diagonal's corners are on the side and A*C > B*D (the section's asymptotic
+    decider); all other connections run over the cell surface. So two surface regions are joined
+    inside the cell iff, for some t in (0, 1), A(t) > 0, C(t) > 0 and g(t) = A*C - B*D > 0 (values
+    taken positive on the side considered) - a quadratic over an interval, maximised exactly.
+    """
+    q = values.to(torch.float64) - level  # [C, 8]
+    labels = region_label[row].clone()  # [C, 8] surface region of each corner
+    surface = labels.clone()
+    rows = torch.arange(q.shape[0], device=q.device)
+    for side in (1.0, -1.0):
+        h = side * q
+        for a, c, b, d in _SECTION_DIAGONALS:
+            a0, a1, c0, c1 = h[:, a], h[:, a + 4], h[:, c], h[:, c + 4]
+            b0, b1, d0, d1 = h[:, b], h[:, b + 4], h[:, d], h[:, d + 4]
+            da, dc, db, dd = a1 - a0, c1 - c0, b1 - b0, d1 - d0
+            lo = torch.zeros_like(a0)
+            hi = torch.ones_like(a0)
+            empty = torch.zeros_like(a0, dtype=torch.bool)
+            for x0, dx in ((a0, da), (c0, dc)):  # interval where both diagonal corners are on the side
+                root = -x0 / torch.where(dx == 0, torch.ones_like(dx), dx)
+                lo = torch.where(dx > 0, torch.maximum(lo, root), lo)
+                hi = torch.where(dx < 0, torch.minimum(hi, root), hi)
+                empty |= (dx == 0) & (x0 <= 0)
+            alpha = da * dc - db * dd
+            beta = a0 * dc + c0 * da - b0 * dd - d0 * db
+            gamma = a0 * c0 - b0 * d0
+            g = lambda t: (alpha * t + beta) * t + gamma
+            t_star = -beta / torch.where(alpha == 0, torch.ones_like(alpha), 2 * alpha)  # vertex of g
+            interior_max = (alpha < 0) & (t_star > lo) & (t_star < hi)
+            g_max = torch.maximum(g(lo), g(hi))
+            g_max = torch.where(interior_max, torch.maximum(g_max, g(t_star)), g_max)
+            joined = ~empty & (lo < hi) & (g_max > 0)
+            if not bool(joined.any()):
+                continue
+            end_a = torch.where(a0 > 0, a, a + 4)  # the corner of edge a (resp. c) on the side
+            end_c = torch.where(c0 > 0, c, c + 4)
+            for _ in range(2):  # relabel the larger label of the pair, twice for transitivity
+                la, lc = labels[rows, end_a], labels[rows, end_c]
+                low, high = torch.minimum(la, lc), torch.maximum(la, lc)
+                labels = torch.where(joined[:, None] & (labels == high[:, None]), low[:, None], labels)
+    merged = labels != surface  # corner's region was joined to the region labelled `labels`
+    pair = torch.where(merged, labels * 8 + surface, torch.full_like(labels, -1))
+    first = pair.max(1).values
+    single = (first >= 0) & ((pair == first[:, None]) | (pair < 0)).all(1)  # exactly one joined pair
+    return torch.where(single, tunnel_map[row, first.clamp_min(0)], row)
+
+
 def _march_cells(
     cell_origins: torch.Tensor,
     lookup: Callable[[torch.Tensor], torch.Tensor],
@@ -332,6 +549,7 @@ def _march_cells(
     level: float,
     face_rule: str,
     chunk_cells: int,
+    resolve_interior: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triangles of the given cells as global vertex ids.
 
@@ -342,7 +560,10 @@ def _march_cells(
     if face_rule not in ("decider", "separate"):
         raise ValueError(f"face_rule must be 'decider' or 'separate', got {face_rule!r}")
     device = cell_origins.device
-    table, centre_members, ambiguous_mask = _device_tables(device)
+    tables = _device_tables(device)
+    table, centre_members, ambiguous_mask = tables["table"], tables["centre_members"], tables["ambiguous_mask"]
+    tunnel_map, region_label = tables["tunnel_map"], tables["region_label"]
+    may_tunnel = (tunnel_map != torch.arange(tunnel_map.shape[0], device=device)[:, None]).any(1)
     tri_counts = (table[:, :, 0] >= 0).sum(1)
     num_slots = centre_members.shape[1]
     centre_id_base = 3 * keys.num_points
@@ -378,6 +599,10 @@ def _march_cells(
             connect = torch.where(first_diag_above, prod_02 > prod_13, prod_13 > prod_02)
             bits = (connect.long() * face_powers).sum(1) & amb
         row = case * 64 + bits
+        if face_rule == "decider" and resolve_interior:
+            candidates = torch.nonzero(may_tunnel[row]).squeeze(1)
+            if candidates.numel():
+                row[candidates] = _interior_rows(values[candidates], level, row[candidates], region_label, tunnel_map)
         cell_edges = base[:, None] * 3 + edge_key_offsets[None, :]  # [C, 12]
         cell_centres = centre_id_base + base[:, None] * num_slots + slots[None, :]  # [C, S]
         local_to_global = torch.cat([cell_edges, cell_centres], dim=1)
@@ -450,6 +675,7 @@ def sparse_marching_cubes(
     candidate_cells: torch.Tensor | None = None,
     *,
     face_rule: str = "decider",
+    resolve_interior: bool = True,
     chunk_points: int = 1 << 20,
     chunk_cells: int = 1 << 19,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -465,6 +691,8 @@ def sparse_marching_cubes(
         candidate_cells: optional int [C, 3] extra cell origins to examine (needed with a callable
             background wherever the background itself crosses the level away from the points).
         face_rule: "decider" (asymptotic decider on ambiguous faces) or "separate".
+        resolve_interior: with the decider, join loops by tubes where the trilinear interpolant
+            connects regions through a cell (see the module notes).
 
     Returns:
         (vertices float [V, 3] in grid units, faces int64 [F, 3]) — the same surface as skimage's
@@ -507,12 +735,17 @@ def sparse_marching_cubes(
         cell_keys = torch.unique(torch.cat(cell_key_chunks))
     else:
         cell_keys = torch.zeros(0, dtype=torch.long, device=device)
-    tri_ids, centre_ids, centre_members = _march_cells(keys.decode(cell_keys), lookup, keys, level, face_rule, chunk_cells)
+    tri_ids, centre_ids, centre_members = _march_cells(keys.decode(cell_keys), lookup, keys, level, face_rule, chunk_cells, resolve_interior)
     return _edges_to_mesh(tri_ids, centre_ids, centre_members, lookup, keys, level, values.dtype)
 
 
 def dense_marching_cubes(
-    volume: torch.Tensor, level: float, *, face_rule: str = "decider", chunk_cells: int = 1 << 20
+    volume: torch.Tensor,
+    level: float,
+    *,
+    face_rule: str = "decider",
+    resolve_interior: bool = True,
+    chunk_cells: int = 1 << 19,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Marching cubes of a dense [X, Y, Z] volume (on its own device), same tables as the sparse path."""
     volume = torch.as_tensor(volume)
@@ -539,7 +772,7 @@ def dense_marching_cubes(
     else:
         origins = torch.zeros((0, 3), dtype=torch.long, device=volume.device)
     lookup = _DenseLookup(volume)
-    tri_ids, centre_ids, centre_members = _march_cells(origins, lookup, keys, level, face_rule, chunk_cells)
+    tri_ids, centre_ids, centre_members = _march_cells(origins, lookup, keys, level, face_rule, chunk_cells, resolve_interior)
     return _edges_to_mesh(tri_ids, centre_ids, centre_members, lookup, keys, level, volume.dtype)
 
 

@@ -193,13 +193,15 @@ def test_value_equal_to_level_counts_as_below():
     assert v.shape == (0, 3) and f.shape == (0, 3)
 
 
-@pytest.mark.parametrize("face_rule", ["decider", "separate"])
-def test_random_fields_give_closed_oriented_manifolds(face_rule):
+@pytest.mark.parametrize("face_rule,resolve_interior", [("decider", True), ("decider", False), ("separate", False)])
+def test_random_fields_give_closed_oriented_manifolds(face_rule, resolve_interior):
     generator = np.random.default_rng(1)
-    for _ in range(3):
+    for _ in range(8):
         volume = np.ones((12, 12, 12), np.float32)
         volume[1:-1, 1:-1, 1:-1] = generator.uniform(-1.0, 1.0, (10, 10, 10))
-        v, f = dense_marching_cubes(torch.from_numpy(volume), 0.0, face_rule=face_rule)
+        v, f = dense_marching_cubes(
+            torch.from_numpy(volume), 0.0, face_rule=face_rule, resolve_interior=resolve_interior
+        )
         f = f.numpy()
         assert len(f) > 100
         assert is_closed_manifold(f)
@@ -276,8 +278,8 @@ def test_grid_to_unit():
     torch.testing.assert_close(grid_to_unit(v, 1024), torch.tensor([[-1.0, 0.0, 1.0]]))
 
 
-def trilinear_components(corner_values: np.ndarray, steps: int = 61) -> int:
-    """Connected components of {f < 0} of the trilinear interpolant in one cell, by dense sampling."""
+def trilinear_components(corner_values: np.ndarray, steps: int = 61, side: float = -1.0) -> int:
+    """Connected components of {side * f > 0} of the trilinear interpolant in one cell (dense sampling)."""
     from scipy import ndimage
 
     s = np.linspace(0.0, 1.0, steps)
@@ -286,7 +288,57 @@ def trilinear_components(corner_values: np.ndarray, steps: int = 61) -> int:
     for c in range(8):
         dx, dy, dz = c & 1, (c >> 1) & 1, (c >> 2) & 1
         f += corner_values[c] * (x if dx else 1 - x) * (y if dy else 1 - y) * (z if dz else 1 - z)
-    return ndimage.label(f < 0)[1]
+    return ndimage.label(side * f > 0)[1]
+
+
+def single_cell_mesh(values: np.ndarray, **kwargs) -> trimesh.Trimesh:
+    volume = np.zeros((2, 2, 2))
+    for c in range(8):
+        volume[c & 1, (c >> 1) & 1, (c >> 2) & 1] = values[c]
+    v, f = dense_marching_cubes(torch.from_numpy(volume), 0.0, **kwargs)
+    return trimesh.Trimesh(v.numpy(), f.numpy(), process=False)
+
+
+def test_random_cells_follow_trilinear_topology():
+    # Inside one cell the surface pieces (discs or tubes) split the cube into regions, one per
+    # component of {f > 0} and of {f < 0}: pieces = above components + below components - 1.
+    # cells whose interior joins two surface regions (tunnels: two opposite corners, two opposite
+    # edges, the six-ambiguous-face case, and a 4-corner case), then random cells
+    tunnel_cells = [
+        [1.0, -0.2, -0.2, -0.2, -0.2, -0.2, -0.2, 1.0],
+        [-0.718, 0.537, 0.628, -0.427, -0.341, 0.438, 0.524, -0.631],
+        [-0.931, 0.974, 0.635, -0.753, 0.696, -0.484, -0.505, 0.545],
+        [0.802, -0.439, -0.665, 0.367, 0.746, -0.894, 0.655, -0.225],
+    ]
+    generator = np.random.default_rng(11)
+    cells = [np.array(v) for v in tunnel_cells] + [generator.uniform(-1.0, 1.0, 8) for _ in range(120)]
+    for index, values in enumerate(cells):
+        if (values > 0).all() or (values <= 0).all():
+            continue
+        mesh = single_cell_mesh(values)
+        pieces = len(mesh.split(only_watertight=False))
+        steps = 101 if index < len(tunnel_cells) else 41  # the tunnels are thin
+        regions = trilinear_components(values, steps, 1.0) + trilinear_components(values, steps, -1.0)
+        assert pieces == regions - 1, values
+        if index < len(tunnel_cells):
+            capped = single_cell_mesh(values, resolve_interior=False)
+            assert len(capped.split(only_watertight=False)) == pieces + 1  # the caps miss the tunnel
+
+
+def test_random_volume_topology_matches_refined_trilinear_field():
+    # Marching cubes of a 6x trilinearly refined copy resolves the same interpolant far from
+    # ambiguity; its topology must equal ours on the coarse grid (skimage's Lewiner does not).
+    from scipy import ndimage
+
+    generator = np.random.default_rng(2)
+    volume = np.ones((9, 9, 9))
+    volume[1:-1, 1:-1, 1:-1] = generator.uniform(-1.0, 1.0, (7, 7, 7))
+    fine_axis = np.linspace(0, 8, 8 * 6 + 1)
+    fine = ndimage.map_coordinates(volume, np.meshgrid(fine_axis, fine_axis, fine_axis, indexing="ij"), order=1)
+    fine_v, fine_f = dense_marching_cubes(torch.from_numpy(fine), 0.0)
+    v, f = dense_marching_cubes(torch.from_numpy(volume), 0.0)
+    assert topology(v.numpy(), f.numpy()) == topology(fine_v.numpy(), fine_f.numpy())
+    assert is_closed_manifold(f.numpy())
 
 
 @pytest.mark.parametrize(
@@ -304,11 +356,7 @@ def test_single_cell_topology_follows_trilinear_interpolant(corner_values):
     # One cell: the number of surface pieces must equal the number of below regions of the
     # trilinear interpolant. (skimage's Lewiner tables put a tunnel into the first two cells.)
     values = np.array(corner_values)
-    volume = np.zeros((2, 2, 2))
-    for c in range(8):
-        volume[c & 1, (c >> 1) & 1, (c >> 2) & 1] = values[c]
-    v, f = dense_marching_cubes(torch.from_numpy(volume), 0.0)
-    mesh = trimesh.Trimesh(v.numpy(), f.numpy(), process=False)
+    mesh = single_cell_mesh(values)
     assert len(mesh.split(only_watertight=False)) == trilinear_components(values)
 
 
