@@ -13,7 +13,14 @@ fi
 # torch first, pinned, so nothing else pulls a CUDA build.
 "$VENV/bin/python" -m pip install -q "torch==2.13.0"
 "$VENV/bin/python" -m pip install -q -e ".[test]"
-if [ -f requirements-addon-test.txt ]; then
-  "$VENV/bin/python" -m pip install -q -r requirements-addon-test.txt
+# The Blender extension tests run inside the bpy wheel (Python 3.11 only; it pins numpy<2, so it
+# gets an environment of its own, separate from torch's).
+BLENDER_VENV=${BLENDER_VENV:-.venv-blender}
+BPY_PY=${BPY_PYTHON:-python3.11}
+command -v "$BPY_PY" >/dev/null 2>&1 || BPY_PY=$PY
+if [ ! -x "$BLENDER_VENV/bin/python" ]; then
+  "$BPY_PY" -m venv "$BLENDER_VENV"
 fi
+"$BLENDER_VENV/bin/python" -c "import bpy" >/dev/null 2>&1 \
+  || "$BLENDER_VENV/bin/python" -m pip install -q "bpy==5.0.1"
 exec "$VENV/bin/python" -m pytest -q "$@"
