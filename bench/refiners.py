@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.models import build  # noqa: E402
-from engine.models.refiners import kernel_backend  # noqa: E402
+from engine.models.refiners import conv_backend, kernel_backend  # noqa: E402
 
 
 def shell_band(resolution: int, radius: float, half_width: float, device, slab: int = 64):
@@ -76,14 +76,18 @@ def bench_refiner512(args, generator, rows, device, dtype):
     sdf = sdf.to(dtype)
     label = f"512 refiner, 27 x 192^3, {coords.shape[0] / 1e6:.2f} M band voxels"
     reference = None
-    for name, backend, channels_last in configurations(args):
+    for name, backend, convs, channels_last in configurations(args):
         model.channels_last = channels_last
-        with kernel_backend(backend), torch.inference_mode():
-            warm = torch.rand(1, 9, 192, 192, 192, generator=generator).to(device=device, dtype=dtype)
-            model.refine_embedded_patch(warm[:, :1], warm[:, 1:])
-            del warm
-            total, per_patch, peak, volume = timed_run(
-                lambda progress: model.refine_volume(coords, sdf, feats, progress=progress), 27, args.repeats)
+        try:
+            with kernel_backend(backend), conv_backend(convs), torch.inference_mode():
+                warm = torch.rand(1, 9, 192, 192, 192, generator=generator).to(device=device, dtype=dtype)
+                model.refine_embedded_patch(warm[:, :1], warm[:, 1:])
+                del warm
+                total, per_patch, peak, volume = timed_run(
+                    lambda progress: model.refine_volume(coords, sdf, feats, progress=progress), 27, args.repeats)
+        except Exception as error:  # report and go on with the other configurations
+            rows.append((label, name, math.nan, [math.nan], math.nan, f"failed: {type(error).__name__}: {error}"[:120]))
+            continue
         if reference is None:
             reference = volume
             difference = "-"
@@ -100,14 +104,18 @@ def bench_sign(args, generator, rows, device, dtype):
     sdf = sdf.to(dtype)
     label = f"sign refiner, 27 x 256^3, {coords.shape[0] / 1e6:.2f} M band voxels at 1024"
     reference = None
-    for name, backend, channels_last in configurations(args):
+    for name, backend, convs, channels_last in configurations(args):
         model.channels_last = channels_last
-        with kernel_backend(backend), torch.inference_mode():
-            warm = torch.rand(1, 1, 256, 256, 256, generator=generator).to(device=device, dtype=dtype)
-            model.sign_logits_patch(warm)
-            del warm
-            total, per_patch, peak, grid = timed_run(
-                lambda progress: model.sign_grid(coords, sdf, progress=progress), 27, args.repeats)
+        try:
+            with kernel_backend(backend), conv_backend(convs), torch.inference_mode():
+                warm = torch.rand(1, 1, 256, 256, 256, generator=generator).to(device=device, dtype=dtype)
+                model.sign_logits_patch(warm)
+                del warm
+                total, per_patch, peak, grid = timed_run(
+                    lambda progress: model.sign_grid(coords, sdf, progress=progress), 27, args.repeats)
+        except Exception as error:  # report and go on with the other configurations
+            rows.append((label, name, math.nan, [math.nan], math.nan, f"failed: {type(error).__name__}: {error}"[:120]))
+            continue
         if reference is None:
             reference = grid
             difference = "-"
@@ -119,10 +127,12 @@ def bench_sign(args, generator, rows, device, dtype):
 
 
 def configurations(args):
-    """(name, kernel backend, channels_last) of each timed configuration; the first is the reference."""
-    configs = [("Triton kernels, channels_last_3d", "auto", True)]
+    """(name, kernel backend, conv backend, channels_last) of each timed configuration; the first is
+    the default CUDA path and the reference of the last column."""
+    configs = [("default: Triton norms + filters, cuDNN convs, channels_last_3d", "auto", "torch", True),
+               ("+ Triton narrow 3x3x3 convs (set_conv_backend('triton'))", "auto", "triton", True)]
     if args.compare:
-        configs.append(("PyTorch kernels, contiguous (CPU path)", "torch", False))
+        configs.append(("PyTorch norms + filters, cuDNN convs, contiguous (before)", "torch", "torch", False))
     return configs
 
 
