@@ -236,8 +236,7 @@ def narrow_band_tokens(
     corners = triangles.reshape(-1, 3)
     in_grid = ((corners >= 0) & (corners <= size - 1)).all(1)
     if reach > math.sqrt(3) / 2 and bool(in_grid.any()):
-        nearest = torch.round(corners[in_grid]).long() // factor
-        token_keys.append(torch.unique((nearest[:, 0] * token_grid + nearest[:, 1]) * token_grid + nearest[:, 2]))
+        token_keys.append(torch.unique(_token_keys(torch.round(corners[in_grid]).long(), factor, token_grid)))
     accepted = torch.unique(torch.cat(token_keys)) if token_keys else torch.zeros(0, dtype=torch.long, device=device)
 
     # Pass 2: (triangle, token) pairs over each triangle's bounding box grown by the band.
