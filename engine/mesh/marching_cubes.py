@@ -257,7 +257,8 @@ def _surface_regions(case: int, face_bits: int) -> list[int]:
     return [find(c) for c in range(8)]
 
 
-def _tube(loop_a: list[int], loop_b: list[int]):
+@functools.lru_cache(maxsize=None)
+def _tube(loop_a: tuple[int, ...], loop_b: tuple[int, ...]):
     """Triangle strip joining two loops into a tube, or None.
 
     Each loop edge keeps the direction it has in a cap (so the neighbours still agree); the strip
@@ -298,7 +299,7 @@ def _tube(loop_a: list[int], loop_b: list[int]):
                 else:  # a (backwards) step on loop_b
                     triangles.append((loop_b[(j0 - pj - 1) % n], b_j, a_i))
                 state = (pi, pj)
-            return triangles[::-1]
+            return tuple(triangles[::-1])
     return None
 
 
@@ -344,15 +345,15 @@ def _tunnel_options(case: int, face_bits: int) -> dict[tuple[int, int], tuple]:
                 if middle_i != middle_j or outer_i == outer_j:
                     continue
                 triangles, centres = _cap_loops(loops, skip=(i, j))
-                tube = _tube(loops[i], loops[j])
+                tube = _tube(tuple(loops[i]), tuple(loops[j]))
                 if tube is None:
                     # Every direct strip needs a rung inside a cube face; go through a ring of extra
                     # vertices instead, r_k at the mean of a_k and all of loop j (inside the cell).
                     ring = [12 + len(centres) + k for k in range(len(loops[i]))]
                     centres = centres + [[a] + loops[j] for a in loops[i]]
                     ring_as_far_end = [ring[0]] + ring[:0:-1]  # oriented like loop j, r_0 first
-                    tube = (_tube(loops[i], ring_as_far_end) or []) + (_tube(ring, loops[j]) or [])
-                options[(min(outer_i, outer_j), max(outer_i, outer_j))] = (triangles + tube, centres)
+                    tube = (_tube(tuple(loops[i]), tuple(ring_as_far_end)) or ()) + (_tube(tuple(ring), tuple(loops[j])) or ())
+                options[(min(outer_i, outer_j), max(outer_i, outer_j))] = (triangles + list(tube), centres)
     return options
 
 
