@@ -7,7 +7,8 @@ from cache) and multiplies it by that tap's [Cin, Cout] weight slice with ``tl.d
 counts padded to the dot's minimum of 16 inside registers only), accumulating in fp32. The bias
 is added in fp32 and the result rounded once to the input dtype.
 
-Works on any 5D layout (plain contiguous or ``channels_last_3d``; the output takes the input's),
+Works on any 5D layout (plain contiguous or ``channels_last_3d``; the output is channels_last_3d
+when the input or the weight is, as cuDNN decides),
 weights in the ``nn.Conv3d`` layout [Cout, Cin, 3, 3, 3] read through their strides. fp32 inputs
 use IEEE fp32 dot products (no TF32).
 """
@@ -21,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["conv3d_3x3x3", "MAX_IN_CHANNELS", "MAX_OUT_CHANNELS"]
+__all__ = ["conv3d_3x3x3", "channels_last_strides", "MAX_IN_CHANNELS", "MAX_OUT_CHANNELS"]
 
 MAX_IN_CHANNELS = 64
 MAX_OUT_CHANNELS = 32
@@ -70,8 +71,24 @@ def _conv3_kernel(x_ptr, w_ptr, b_ptr, out_ptr, D, H, W,
              mask=valid[:, None] & n_ok[None, :])
 
 
-def _layout_of(x: Tensor) -> torch.memory_format:
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+def channels_last_strides(t: Tensor) -> bool:
+    """Whether a 5D tensor's strides order its dims as channels_last_3d (N, D, H, W, C from outer to
+    inner), judged as PyTorch's suggest_memory_format does, so one-channel tensors converted to
+    channels_last_3d count as such although they are also plain contiguous."""
+    if t.dim() != 5:
+        return False
+    smallest = 0
+    for d in (1, 4, 3, 2, 0):
+        size, stride = t.shape[d], t.stride(d)
+        if size == 0 or stride < smallest or (d == 0 and smallest == t.stride(1)):
+            return False
+        smallest = stride * size if size > 1 else stride
+    return True
+
+
+def _output_layout(x: Tensor, weight: Tensor) -> torch.memory_format:
+    """channels_last_3d when the input or the weight is laid out that way (cuDNN's rule)."""
+    if channels_last_strides(x) or channels_last_strides(weight):
         return torch.channels_last_3d
     return torch.contiguous_format
 
@@ -91,7 +108,7 @@ def conv3d_3x3x3(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         raise ValueError(f"input {x.dtype} and weight {weight.dtype} differ")
     batch, _, depth, height, width = x.shape
     out = torch.empty((batch, out_channels, depth, height, width), dtype=x.dtype, device=x.device,
-                      memory_format=_layout_of(x))
+                      memory_format=_output_layout(x, weight))
     if out.numel() == 0:
         return out
     k_pad = max(16, triton.next_power_of_2(in_channels))
