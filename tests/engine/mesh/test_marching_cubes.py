@@ -402,3 +402,14 @@ def test_sign_refined_extraction_matches_dense_volume():
     assert torch.equal(f, dense_f)
     torch.testing.assert_close(v, dense_v)
     assert topology(v.numpy(), f.numpy())[1] >= 2
+
+
+def test_decoder_dtypes_int32_points_and_half_values():
+    # the decoders hand over int32 coordinates and fp16 values; results equal the fp32 ones
+    volume = FIELDS["sphere"]()
+    points, values = narrow_band(volume, 0.8)
+    v32, f32 = sparse_marching_cubes(points.int(), values.half().float(), LEVEL, volume.shape[0])
+    v16, f16 = sparse_marching_cubes(points.int(), values.half(), LEVEL, volume.shape[0])
+    assert v16.dtype == torch.float32
+    assert torch.equal(f16, f32)
+    torch.testing.assert_close(v16, v32)
