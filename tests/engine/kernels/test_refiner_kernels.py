@@ -216,7 +216,7 @@ def test_conv_kernel_matches_conv3d(cin, cout, channels_last, bias):
 def test_conv_kernel_output_layout_follows_cudnn_rule():
     """channels_last_3d out when the input or the weight is channels_last_3d by its strides, also for
     one-channel tensors (which are plain contiguous as well), so the layout survives a 1-channel conv_in."""
-    sdf = torch.rand(1, 1, 4, 4, 4).half().contiguous(memory_format=CL).to(DEVICE)
+    sdf = torch.rand(1, 1, 4, 4, 4).half().to(DEVICE).to(memory_format=CL)
     weight = torch.randn(8, 1, 3, 3, 3).half().to(DEVICE)
     assert conv_kernels.channels_last_strides(sdf) and not conv_kernels.channels_last_strides(weight)
     assert conv_kernels.conv3d_3x3x3(sdf, weight).is_contiguous(memory_format=CL)
