@@ -75,9 +75,8 @@ def _merge(best, key, topk, T: tl.constexpr, W: tl.constexpr, REPLACE: tl.conste
         if tl.max((key > bar[:, None]).to(tl.int32)) > 0:
             # sorting networks only (no dependent reductions): the chunk's top W, then the top W
             # of (running W, chunk W); both lists come out sorted descending
-            if key.shape[1] > W:
-                key = tl.topk(key, W, dim=1)
-            both = tl.reshape(tl.join(best, key), [T, 2 * W])
+            top = tl.topk(key, W, dim=1)
+            both = tl.reshape(tl.join(best, top), [T, 2 * W])
             best = tl.topk(both, W, dim=1)
     else:
         if tl.max((key > bar[:, None]).to(tl.int32)) > 0:
