@@ -220,7 +220,7 @@ def test_conv_kernel_output_layout_follows_cudnn_rule():
     weight = torch.randn(8, 1, 3, 3, 3).half().to(DEVICE)
     assert conv_kernels.channels_last_strides(sdf) and not conv_kernels.channels_last_strides(weight)
     assert conv_kernels.conv3d_3x3x3(sdf, weight).is_contiguous(memory_format=CL)
-    plain = sdf.contiguous()
+    plain = sdf.clone(memory_format=torch.contiguous_format)
     assert not conv_kernels.channels_last_strides(plain)
     assert not conv_kernels.conv3d_3x3x3(plain, weight).is_contiguous(memory_format=CL)
     assert conv_kernels.conv3d_3x3x3(plain, weight.contiguous(memory_format=CL)).is_contiguous(memory_format=CL)
