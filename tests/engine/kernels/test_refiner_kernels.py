@@ -223,7 +223,7 @@ def test_conv_kernel_output_layout_follows_cudnn_rule():
     plain = sdf.clone(memory_format=torch.contiguous_format)
     assert not conv_kernels.channels_last_strides(plain)
     assert not conv_kernels.conv3d_3x3x3(plain, weight).is_contiguous(memory_format=CL)
-    assert conv_kernels.conv3d_3x3x3(plain, weight.contiguous(memory_format=CL)).is_contiguous(memory_format=CL)
+    assert conv_kernels.conv3d_3x3x3(plain, weight.to(memory_format=CL)).is_contiguous(memory_format=CL)
 
 
 def test_conv_kernel_rejects_what_it_does_not_cover():
