@@ -130,7 +130,8 @@ def configurations(args):
     """(name, kernel backend, conv backend, channels_last) of each timed configuration; the first is
     the default CUDA path and the reference of the last column."""
     configs = [("default: Triton norms + filters, cuDNN convs, channels_last_3d", "auto", "torch", True),
-               ("+ Triton narrow 3x3x3 convs (set_conv_backend('triton'))", "auto", "triton", True)]
+               ("+ Triton narrow 3x3x3 convs (set_conv_backend('triton'))", "auto", "triton", True),
+               ("+ per-shape faster of cuDNN / Triton narrow convs ('tuned')", "auto", "tuned", True)]
     if args.compare:
         configs.append(("PyTorch norms + filters, cuDNN convs, contiguous (before)", "torch", "torch", False))
     return configs

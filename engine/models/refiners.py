@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import time
 from types import SimpleNamespace
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -83,8 +84,10 @@ def _triton_kernels(x: Tensor) -> Optional[SimpleNamespace]:
     return SimpleNamespace(adaptive=adaptive, norm=norm)
 
 
-_CONV_BACKENDS = ("torch", "triton")
+_CONV_BACKENDS = ("torch", "triton", "tuned")
 _conv_backend = "torch"
+# "tuned": per (layer width, input shape, dtype, layout, device) the faster of torch and Triton
+_tuned_conv_choices: dict = {}
 
 
 def set_conv_backend(name: str) -> str:
@@ -93,6 +96,8 @@ def set_conv_backend(name: str) -> str:
     ``"torch"`` (default): ``F.conv3d`` (cuDNN on CUDA). ``"triton"``: the fp16/bf16 convolutions with
     at most 64 input and 32 output channels (the full-resolution layers) run on the Triton kernel of
     :mod:`engine.kernels.conv3d` (on CPU only through ``TRITON_INTERPRET=1``); others stay on torch.
+    ``"tuned"``: like ``"triton"``, but the first call of each layer shape times both implementations
+    and keeps the faster one for the process (as ``cudnn.benchmark`` does for its algorithms).
     """
     global _conv_backend
     if name not in _CONV_BACKENDS:
@@ -111,6 +116,23 @@ def conv_backend(name: str) -> Iterator[None]:
         set_conv_backend(previous)
 
 
+def _seconds_per_call(fn: Callable[[], Tensor], device: torch.device, repeats: int = 3) -> float:
+    """Mean time of ``fn`` after one untimed call (CUDA events on CUDA, wall clock elsewhere)."""
+    fn()
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / repeats
+    began = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - began) / repeats
+
+
 class Conv3x3x3(nn.Conv3d):
     """``nn.Conv3d(in, out, 3, padding=1)`` (same parameters and keys) with the Triton path of
     :func:`set_conv_backend` for narrow low-precision layers."""
@@ -119,12 +141,27 @@ class Conv3x3x3(nn.Conv3d):
         super().__init__(in_channels, out_channels, 3, padding=1, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        if _conv_backend == "triton" and x.dim() == 5 and x.dtype in (torch.float16, torch.bfloat16) \
+        if _conv_backend != "torch" and x.dim() == 5 and x.dtype in (torch.float16, torch.bfloat16) \
                 and x.dtype == self.weight.dtype:
             import engine.kernels.conv3d as kernel  # imported here: tests reload it under the interpreter
             if self.in_channels <= kernel.MAX_IN_CHANNELS and self.out_channels <= kernel.MAX_OUT_CHANNELS:
-                return kernel.conv3d_3x3x3(x, self.weight, self.bias)
+                if _conv_backend == "triton" or self._tuned_choice(x, kernel) == "triton":
+                    return kernel.conv3d_3x3x3(x, self.weight, self.bias)
         return super().forward(x)
+
+    def _tuned_choice(self, x: Tensor, kernel) -> str:
+        key = (self.in_channels, self.out_channels, self.bias is None, tuple(x.shape), x.dtype, x.device,
+               kernel.channels_last_strides(x), kernel.channels_last_strides(self.weight))
+        choice = _tuned_conv_choices.get(key)
+        if choice is None:
+            torch_time = _seconds_per_call(lambda: super(Conv3x3x3, self).forward(x), x.device)
+            try:
+                triton_time = _seconds_per_call(lambda: kernel.conv3d_3x3x3(x, self.weight, self.bias), x.device)
+            except Exception:  # no usable Triton here (compiler, architecture): keep torch for this shape
+                triton_time = float("inf")
+            choice = "triton" if triton_time < torch_time else "torch"
+            _tuned_conv_choices[key] = choice
+        return choice
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -253,6 +253,32 @@ def test_conv_module_dispatch():
             _assert_one_rounding(narrow(x), expected_narrow, atol=1e-3)
 
 
+def test_tuned_conv_backend_times_each_shape_once_and_falls_back(monkeypatch):
+    from engine.models.refiners import Conv3x3x3
+    monkeypatch.setattr(refiners, "_tuned_conv_choices", {})
+    gen = torch.Generator().manual_seed(8)
+    conv = Conv3x3x3(4, 8).half().to(DEVICE)
+    x = torch.randn(1, 4, 3, 4, 5, generator=gen).half().to(DEVICE)
+    with torch.no_grad():
+        with conv_backend("torch"):
+            expected = conv(x)
+        with conv_backend("tuned"):
+            out = conv(x)
+            choices = refiners._tuned_conv_choices
+            assert len(choices) == 1 and set(choices.values()) <= {"torch", "triton"}
+            conv(x)
+            assert len(choices) == 1  # timed once per shape
+            _assert_one_rounding(out, expected, atol=1e-3)
+            # a Triton kernel that cannot run leaves the layer on torch
+            choices.clear()
+
+            def broken(*args, **kwargs):
+                raise RuntimeError("no compiler")
+
+            monkeypatch.setattr(conv_kernels, "conv3d_3x3x3", broken)
+            assert torch.equal(conv(x), expected) and list(choices.values()) == ["torch"]
+
+
 # ----------------------------------------------------------------------------- whole refiner patches
 # The interpreter's fp16 dot products are slow (tens of seconds per patch): on CPU the whole-patch runs
 # keep torch convolutions, the conv kernel being covered above.
