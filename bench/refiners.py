@@ -8,7 +8,9 @@ over whole volumes; per-patch times come from a synchronising progress callback.
 the PyTorch kernels in the contiguous layout (the CPU path) run too, and the table gives how far the
 fast path's output is from theirs. Prints one markdown table.
 
-    python bench/refiners.py [--version v1.1] [--repeats 2] [--compare] [--only refiner sign]
+    python bench/refiners.py [--version v1.1] [--repeats 2] [--compare] [--only refiner sign] [--profile]
+
+``--profile`` also prints, per configuration, the GPU kernels of one patch by total time.
 """
 from __future__ import annotations
 
@@ -43,6 +45,23 @@ def shell_band(resolution: int, radius: float, half_width: float, device, slab: 
         points.append(found)
         values.append(torch.tanh(-distance[band] / 4))
     return torch.cat(points).int(), torch.cat(values)
+
+
+def kernel_profile(title: str, fn, rows: int = 12):
+    """Print the ``rows`` CUDA kernels of one ``fn()`` call with the most self GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)
+    total = sum(e.self_device_time_total for e in events) / 1e3
+    print(f"\n#### {title}: {total:.1f} GPU ms per patch\n")
+    print("| self GPU ms | calls | kernel or op |")
+    print("| ---: | ---: | --- |")
+    for e in events[:rows]:
+        print(f"| {e.self_device_time_total / 1e3:.2f} | {e.count} | {e.key[:100]} |")
 
 
 def timed_run(run, patches: int, repeats: int):
@@ -82,6 +101,8 @@ def bench_refiner512(args, generator, rows, device, dtype):
             with kernel_backend(backend), conv_backend(convs), torch.inference_mode():
                 warm = torch.rand(1, 9, 192, 192, 192, generator=generator).to(device=device, dtype=dtype)
                 model.refine_embedded_patch(warm[:, :1], warm[:, 1:])
+                if args.profile:
+                    kernel_profile(f"512 refiner patch, {name}", lambda: model.refine_embedded_patch(warm[:, :1], warm[:, 1:]))
                 del warm
                 total, per_patch, peak, volume = timed_run(
                     lambda progress: model.refine_volume(coords, sdf, feats, progress=progress), 27, args.repeats)
@@ -110,6 +131,8 @@ def bench_sign(args, generator, rows, device, dtype):
             with kernel_backend(backend), conv_backend(convs), torch.inference_mode():
                 warm = torch.rand(1, 1, 256, 256, 256, generator=generator).to(device=device, dtype=dtype)
                 model.sign_logits_patch(warm)
+                if args.profile:
+                    kernel_profile(f"sign refiner patch, {name}", lambda: model.sign_logits_patch(warm))
                 del warm
                 total, per_patch, peak, grid = timed_run(
                     lambda progress: model.sign_grid(coords, sdf, progress=progress), 27, args.repeats)
@@ -143,6 +166,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=2, help="timed whole-volume runs per configuration (best kept)")
     parser.add_argument("--compare", action="store_true", help="also time the PyTorch kernels, contiguous layout")
     parser.add_argument("--only", nargs="*", default=["refiner", "sign"], choices=["refiner", "sign"])
+    parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of one patch per configuration")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench/refiners.py needs a CUDA GPU")
