@@ -13,7 +13,13 @@ Whole-volume runs never build the official dense giant tensors: patches are dens
 from the sparse decoder output, the 512 refiner applies its per-voxel feature MLP on the sparse rows
 (no 32-channel volume), and the 1024 result is a compact 512^3 sign grid plus the sparse band
 (:class:`SignField`), from which the field value of any 1024^3 point and every off-band cell that
-can contain the surface are computed on demand.
+can contain the surface are computed on demand. Patches without any decoded voxel are all
+background, so their result is computed once and reused.
+
+On CUDA the activations stay in ``channels_last_3d`` (see ``channels_last`` on the models), group
+norms (+ SiLU) and adaptive filters run on the Triton kernels of :mod:`engine.kernels`
+(:func:`set_kernel_backend`), and the narrow 3x3x3 convolutions can run on a Triton kernel too
+(:func:`set_conv_backend`, opt-in). The PyTorch code here is the CPU path and the kernels' test oracle.
 """
 from __future__ import annotations
 
