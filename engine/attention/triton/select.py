@@ -7,10 +7,12 @@ exp(q.k/sqrt(D) - lse) are recomputed, summed over the G query heads of the KV h
 block's R compressed tokens, and merged into a running top list per token kept in registers.
 
 Two scoring layouts (same merge and output code):
-* "rows" (default, measured): TOKENS tokens x G heads are the rows of one product per chunk
-  (64 rows for TOKENS = 4, G = 16), then regrouped per token by reshape + sum.
-* "heads": TOKENS >= 16 tokens are the rows; one product per (head, member slot) accumulates
-  directly into the [TOKENS, BLOCK_B] block scores (no regrouping).
+* "rows": TOKENS tokens x G heads are the rows of one product per chunk (64 rows for TOKENS = 4,
+  G = 16), then regrouped per token by reshape + sum (regrouping and the merge dominate its
+  instruction count).
+* "heads" (default up to top-8): TOKENS >= 16 tokens are the rows; one product per (head, member
+  slot) accumulates directly into the [TOKENS, BLOCK_B] block scores (no regrouping), and the
+  merge cost is shared by 32-64 tokens x BLOCK_B blocks.
 Two merges: "extract" rebuilds the sorted top-W list (W = next power of two >= topk) from list +
 chunk, only when the chunk beats some token's W-th best; "replace" inserts only the chunk's winners,
 each over the current minimum of an unsorted list of topk live slots; "sort" merges by bitonic
@@ -207,17 +209,20 @@ def block_members(comp_block_ids: Tensor, num_blocks: int, max_members: int | No
 
 @torch.no_grad()
 def select_blocks(q: Tensor, ck: Tensor, lse: Tensor, comp_block_ids: Tensor, num_blocks: int, topk: int,
-                  *, members: Tensor | None = None, variant: str = "rows", tokens_per_program: int | None = None,
-                  block_b: int | None = None, num_warps: int = 4, merge: str | None = None) -> Tensor:
+                  *, members: Tensor | None = None, variant: str | None = None,
+                  tokens_per_program: int | None = None, block_b: int | None = None, num_warps: int = 4,
+                  merge: str | None = None) -> Tensor:
     """Top-k selection blocks per (KV head, query): int32 [Hkv, N, topk], ascending, -1 padded.
 
-    variant: "rows" (the (token, head) pairs of TOKENS tokens as product rows, regrouped per token;
-    measured on H100) or "heads" (16+ tokens per program, one product per head and member slot;
-    not yet measured on a GPU).
-    merge: "extract" (rebuild the sorted top-W list from list + chunk; measured on H100 for top-8)
-    or "replace" (insert only the chunk's winners over the current minimum; default for topk > 8,
-    where "extract" measured 3x slower than the PyTorch reference at top-32) or "sort" (bitonic
-    networks: chunk top-W, then top-W of both lists; needs BLOCK_B >= W; not yet timed on a GPU).
+    variant: "rows" (the (token, head) pairs of 4 tokens as product rows, regrouped per token;
+    timed on an H100) or "heads" (32-64 tokens per program, one product per head and member
+    slot). Default: "heads" for topk <= 8 (compiled for sm_90 it issues ~3x fewer instructions per
+    (token, block) than "rows", which the H100 timing of "rows" showed to be issue-bound; not yet
+    timed itself), "rows" for larger topk ("heads" spills registers at top-32).
+    merge: "extract" (rebuild the sorted top-W list from list + chunk), "replace" (insert only the
+    chunk's winners over the current minimum; "extract" measured 3x slower than the PyTorch
+    reference at top-32) or "sort" (bitonic networks; needs BLOCK_B >= W).
+    Defaults: "extract" up to top-8, "replace" above.
     """
     n_tokens, hq, d = q.shape
     hkv = ck.shape[1]
@@ -235,8 +240,8 @@ def select_blocks(q: Tensor, ck: Tensor, lse: Tensor, comp_block_ids: Tensor, nu
         merge = "extract" if w <= 8 else "replace"
     if merge not in ("extract", "replace", "sort"):
         raise ValueError(f"merge must be 'extract', 'replace' or 'sort', not {merge!r}")
-    if merge == "sort" and block_b is not None and block_b < w:
-        raise ValueError("merge='sort' needs block_b >= the padded topk")
+    if variant is None:
+        variant = "heads" if w <= 8 else "rows"
     if variant == "rows":
         kernel = _select_rows_fwd
         if block_b is None:
@@ -247,9 +252,14 @@ def select_blocks(q: Tensor, ck: Tensor, lse: Tensor, comp_block_ids: Tensor, nu
         kernel = _select_heads_fwd
         if block_b is None:
             block_b = max(32, w)
-        tokens_per_program = max(16, tokens_per_program or 32)
+        if tokens_per_program is None:
+            # 64 rows fill a Hopper tensor-core tile; below ~40k tokens 32 keeps >= 2 waves of programs
+            tokens_per_program = 64 if n_tokens * hkv >= 80000 else 32
+        tokens_per_program = max(16, tokens_per_program)
     else:
         raise ValueError(f"variant must be 'rows' or 'heads', not {variant!r}")
+    if merge == "sort" and block_b < w:
+        raise ValueError("merge='sort' needs block_b >= the padded topk")
     grid = (triton.cdiv(n_tokens, tokens_per_program), hkv)
     kernel[grid](q, ck, lse, members, out, n_tokens, num_blocks, topk,
                  q.stride(0), q.stride(1), ck.stride(0), ck.stride(1), out.stride(0), out.stride(1),

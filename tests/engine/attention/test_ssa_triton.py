@@ -124,18 +124,22 @@ def test_ssa_kernels_match_reference(cbs, hq, hkv, topk, dtype):
     got = tk.select_blocks(q, ck, ref_lse, case["comp_block_ids"], case["num_blocks"], topk,
                            tokens_per_program=TILE)
     topk_agrees(got, case, ref_lse, topk)
-    if topk <= 8 or DEVICE == "cuda":   # the merge the default does not use (top-32 extract is slow on CPU)
-        other = "replace" if topk <= 8 else "extract"
+    # the other scoring layout and merges (top-32 "extract" is slow to interpret: CUDA only)
+    if topk <= 8:
         got = tk.select_blocks(q, ck, ref_lse, case["comp_block_ids"], case["num_blocks"], topk,
-                               tokens_per_program=TILE, merge=other)
+                               variant="rows", tokens_per_program=TILE, merge="replace")
+        topk_agrees(got, case, ref_lse, topk)
+        if cbs == 4 or DEVICE == "cuda":
+            got = tk.select_blocks(q, ck, ref_lse, case["comp_block_ids"], case["num_blocks"], topk,
+                                   variant="heads", tokens_per_program=TILE, merge="replace")
+            topk_agrees(got, case, ref_lse, topk)
+    elif DEVICE == "cuda":
+        got = tk.select_blocks(q, ck, ref_lse, case["comp_block_ids"], case["num_blocks"], topk,
+                               merge="extract")
         topk_agrees(got, case, ref_lse, topk)
     if hq == 8:                           # the bitonic "sort" merge (small top-k: cheap to interpret)
         got = tk.select_blocks(q, ck, ref_lse, case["comp_block_ids"], case["num_blocks"], topk,
                                tokens_per_program=TILE, merge="sort")
-        topk_agrees(got, case, ref_lse, topk)
-    if cbs == 4 and topk == 8:            # the "heads" scoring layout (R = 8 member slots)
-        got = tk.select_blocks(q, ck, ref_lse, case["comp_block_ids"], case["num_blocks"], topk,
-                               variant="heads", tokens_per_program=TILE)
         topk_agrees(got, case, ref_lse, topk)
     # selection attention on the reference selection
     sel = ref.select_blocks(q, ck, ref_lse, case["comp_block_ids"], case["num_blocks"], topk)
