@@ -34,6 +34,7 @@ from torch import Tensor
 
 from .compressed import LOG2E, _last_dim_contiguous
 
+
 @triton.jit
 def _chunk_keys(score, b0, num_blocks, BLOCK_B: tl.constexpr):
     """Ordering keys [T, BLOCK_B] of a chunk of block scores (see the module docstring)."""
