@@ -547,6 +547,21 @@ class _PatchSource:
         return patch
 
 
+@contextlib.contextmanager
+def _cudnn_autotuning(device: torch.device) -> Iterator[None]:
+    """``torch.backends.cudnn.benchmark`` on for a whole-volume run on CUDA (restored afterwards):
+    the 27 patches share their layer shapes, so cuDNN's one-off algorithm search pays back."""
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
 class _DenseLayout:
     """Memory layout of a dense refiner's activations.
 
@@ -676,22 +691,23 @@ class Refiner512(_DenseLayout, nn.Module):
         occupied = source.counts(box_origins, patch_size)
         fmt = self.activation_format()
         empty_result = None  # a patch without rows is all background: its output is computed once
-        for n, ((i, j, k), origin) in enumerate(zip(boxes, box_origins)):
-            if occupied[n] == 0 and empty_result is not None:
-                refined = empty_result
-            else:
-                patch = source.densify(origin, patch_size, background, dtype, fmt)
-                refined = self.refine_embedded_patch(patch[:, :1], patch[:, 1:])[0, 0]
-                del patch
-                if occupied[n] == 0:
-                    empty_result = refined
-            blend = weights[i].view(-1, 1, 1) * weights[j].view(1, -1, 1) * weights[k].view(1, 1, -1)
-            region = volume[origin[0]:origin[0] + patch_size, origin[1]:origin[1] + patch_size,
-                            origin[2]:origin[2] + patch_size]
-            region.addcmul_(refined, blend)
-            del refined, blend
-            if progress is not None:
-                progress(n + 1, len(boxes))
+        with _cudnn_autotuning(device):
+            for n, ((i, j, k), origin) in enumerate(zip(boxes, box_origins)):
+                if occupied[n] == 0 and empty_result is not None:
+                    refined = empty_result
+                else:
+                    patch = source.densify(origin, patch_size, background, dtype, fmt)
+                    refined = self.refine_embedded_patch(patch[:, :1], patch[:, 1:])[0, 0]
+                    del patch
+                    if occupied[n] == 0:
+                        empty_result = refined
+                blend = weights[i].view(-1, 1, 1) * weights[j].view(1, -1, 1) * weights[k].view(1, 1, -1)
+                region = volume[origin[0]:origin[0] + patch_size, origin[1]:origin[1] + patch_size,
+                                origin[2]:origin[2] + patch_size]
+                region.addcmul_(refined, blend)
+                del refined, blend
+                if progress is not None:
+                    progress(n + 1, len(boxes))
         return volume
 
 
@@ -861,20 +877,21 @@ class SignRefiner1024(_DenseLayout, nn.Module):
         occupied = source.counts(box_origins, patch_size)
         fmt = self.activation_format()
         empty_sign = None  # a patch without rows is all background: its signs are computed once
-        for n, (x0, y0, z0) in enumerate(box_origins):
-            if occupied[n] == 0 and empty_sign is not None:
-                positive = empty_sign
-            else:
-                patch = source.densify((x0, y0, z0), patch_size, background, dtype, fmt)
-                logits = self.sign_logits_patch(patch)
-                del patch
-                positive = self.positive_sign(logits)[0, 0]
-                del logits
-                if occupied[n] == 0:
-                    empty_sign = positive
-            grid[x0:x0 + patch_size, y0:y0 + patch_size, z0:z0 + patch_size] = positive
-            if progress is not None:
-                progress(n + 1, len(boxes))
+        with _cudnn_autotuning(device):
+            for n, (x0, y0, z0) in enumerate(box_origins):
+                if occupied[n] == 0 and empty_sign is not None:
+                    positive = empty_sign
+                else:
+                    patch = source.densify((x0, y0, z0), patch_size, background, dtype, fmt)
+                    logits = self.sign_logits_patch(patch)
+                    del patch
+                    positive = self.positive_sign(logits)[0, 0]
+                    del logits
+                    if occupied[n] == 0:
+                        empty_sign = positive
+                grid[x0:x0 + patch_size, y0:y0 + patch_size, z0:z0 + patch_size] = positive
+                if progress is not None:
+                    progress(n + 1, len(boxes))
         return grid
 
     def sign_field(self, coords: Tensor, sdf: Tensor, *, resolution: Optional[int] = None,

@@ -457,3 +457,17 @@ def test_sign_refiner_empty_patches_run_once_and_layouts_agree(monkeypatch):
     assert torch.equal(grid, ref_sign > 0)
     model.channels_last = True
     assert torch.equal(model.sign_grid(xyz, sdf, resolution=resolution, patch_size=patch, stride=stride), grid)
+
+
+def test_cudnn_autotuning_only_around_cuda_runs():
+    from engine.models.refiners import _cudnn_autotuning
+    previous = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        with _cudnn_autotuning(torch.device("cpu")):
+            assert torch.backends.cudnn.benchmark is False
+        with _cudnn_autotuning(torch.device("cuda")):  # only the flag: nothing runs on the device
+            assert torch.backends.cudnn.benchmark is True
+        assert torch.backends.cudnn.benchmark is False
+    finally:
+        torch.backends.cudnn.benchmark = previous
