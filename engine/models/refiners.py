@@ -580,7 +580,9 @@ class _DenseLayout:
         fmt = self.activation_format()
         probe = self.unet3d1.conv_in.weight  # more than one input channel: its layout is unambiguous
         if not probe.is_contiguous(memory_format=fmt):
-            with torch.inference_mode(False), torch.no_grad():
+            # keep the kind of the parameters: ordinary ones stay ordinary (in-place loads and training
+            # still work), inference tensors (a model built under inference_mode) stay inference tensors
+            with torch.inference_mode(probe.is_inference()), torch.no_grad():
                 self.to(memory_format=fmt)
         return fmt
 

@@ -471,3 +471,27 @@ def test_cudnn_autotuning_only_around_cuda_runs():
         assert torch.backends.cudnn.benchmark is False
     finally:
         torch.backends.cudnn.benchmark = previous
+
+
+@pytest.mark.parametrize("built_in_inference_mode", [False, True])
+def test_layout_conversion_keeps_the_parameter_kind(built_in_inference_mode):
+    config = RefinerConfig(sign=True, block_out_channels=VOLUME_TEST_WIDTHS, patch_size=8, patch_stride=4,
+                           volume_resolution=8)
+    if built_in_inference_mode:
+        with torch.inference_mode():
+            model = SignRefiner1024(config).eval()
+    else:
+        model = SignRefiner1024(config).eval()
+    model.channels_last = True
+    patch = torch.rand(1, 1, 8, 8, 8)
+    with torch.inference_mode():
+        fast = model.sign_logits_patch(patch)
+    weight = model.unet3d1.conv_in.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert weight.is_inference() == built_in_inference_mode
+    if not built_in_inference_mode:
+        model.load_state_dict(model.state_dict())  # in-place copies into ordinary parameters
+    model.channels_last = False
+    with torch.inference_mode():
+        torch.testing.assert_close(model.sign_logits_patch(patch), fast)
+    assert model.unet3d1.conv_in.weight.is_contiguous()
