@@ -268,9 +268,11 @@ def run_case(name: str, layout_name: str, args, tk, peak: float, rows: list, che
     if args.tune:
         for tpp in (4, 8):
             for bn in (32, 64):
-                ms = time_ms(lambda: tk.selection_attention(q, k, v, r_sel, offsets, tokens_per_program=tpp,
-                                                            block_n=bn, reorder=True))
-                print(f"TUNE sel {name} {layout_name} reorder tokens={tpp} block_n={bn}: {ms:.3f} ms")
+                for reorder, prefetch in ((False, True), (True, False), (True, True)):
+                    ms = time_ms(lambda: tk.selection_attention(q, k, v, r_sel, offsets, tokens_per_program=tpp,
+                                                                block_n=bn, reorder=reorder, prefetch=prefetch))
+                    print(f"TUNE sel {name} {layout_name} tokens={tpp} block_n={bn} reorder={reorder} "
+                          f"prefetch={prefetch}: {ms:.3f} ms")
         variants = [("rows", tpp, None, nw) for tpp in (2, 4, 8) for nw in (4, 8)]
         variants += [("heads", tpp, bb, nw) for tpp in (16, 32, 64) for bb in (16, 32) for nw in (4, 8)]
         for var, tpp, bb, nw in variants:
