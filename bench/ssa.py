@@ -273,8 +273,8 @@ def run_case(name: str, layout_name: str, args, tk, peak: float, rows: list, che
                                                                 block_n=bn, reorder=reorder, prefetch=prefetch))
                     print(f"TUNE sel {name} {layout_name} tokens={tpp} block_n={bn} reorder={reorder} "
                           f"prefetch={prefetch}: {ms:.3f} ms")
-        variants = [("rows", tpp, None, nw) for tpp in (2, 4, 8) for nw in (4, 8)]
-        variants += [("heads", tpp, bb, nw) for tpp in (16, 32, 64) for bb in (16, 32) for nw in (4, 8)]
+        variants = [("rows", tpp, None, 4) for tpp in (4, 8)]
+        variants += [("heads", tpp, bb, 4) for tpp in (32, 64) for bb in (32, 64)]
         for var, tpp, bb, nw in variants:
             for merge in ("extract", "replace", "sort"):
                 if merge == "extract" and topk > 8:
