@@ -108,7 +108,7 @@ def randomise(model: torch.nn.Module, generator: torch.Generator) -> torch.nn.Mo
     return model
 
 
-def build_pipeline(version, device, dtype, tiny):
+def build_pipeline(version, device, dtype, tiny, memory_mode="resident"):
     if tiny:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
         from helpers.tiny_weights import tiny_configs
@@ -120,10 +120,10 @@ def build_pipeline(version, device, dtype, tiny):
     for name in ("image_encoder", "dense_vae", "dense_dit", "sparse_vae_512", "sparse_dit_512",
                  "sparse_vae_1024", "sparse_dit_1024", "refiner", "refiner_1024"):
         model = build(name, version, dtype=None if name == "image_encoder" else dtype, config=configs[name])
-        models[name] = randomise(model, generator).to(device)
+        models[name] = randomise(model, generator).to(device if memory_mode == "resident" else "cpu")
     loaded = LoadedModels(models=models, version=version, release=None if tiny else version, configs=configs,
                           location=None)
-    return Direct3DS2Pipeline(loaded, device=device, dtype=dtype)
+    return Direct3DS2Pipeline(loaded, device=device, dtype=dtype, memory_mode=memory_mode)
 
 
 def run_shape(pipe: Direct3DS2Pipeline, shape: str, resolutions, steps, device):
@@ -145,10 +145,16 @@ def run_shape(pipe: Direct3DS2Pipeline, shape: str, resolutions, steps, device):
         latents = timer("sparse DiT 512", lambda: pipe._sparse_stage(
             "sparse_512", coords_512, context, mask, settings.sparse_512_steps, 7.0, generator, clock),
             steps=settings.sparse_512_steps, note=f"{coords_512.shape[0]} tokens")
-        vae, refiner = pipe.models["sparse_vae_512"], pipe.models["refiner"]
-        sdf, feats = timer("sparse VAE 512 decode", lambda: vae.decode(SparseVoxels(latents, coords_512), return_feat=True))
-        timer("refiner 512 (27 patches)", lambda: refiner.refine_volume(sdf.coords, sdf.feats, feats.feats),
-              note=f"{sdf.num_voxels} voxels")
+        def decode_512():
+            with pipe._models_on_device("sparse_vae_512") as vae:
+                return vae.decode(SparseVoxels(latents, coords_512), return_feat=True)
+
+        def refine_512():
+            with pipe._models_on_device("refiner") as refiner:
+                return refiner.refine_volume(sdf.coords, sdf.feats, feats.feats)
+
+        sdf, feats = timer("sparse VAE 512 decode", decode_512)
+        timer("refiner 512 (27 patches)", refine_512, note=f"{sdf.num_voxels} voxels")
         del sdf, feats
         # marching cubes on the shape's tanh-SDF at 512^3 (level 0.4 in tanh units as the pipeline)
         v, f = timer("marching cubes 512 (GPU)", lambda: dense_marching_cubes(torch.tanh(volume_512 * 64), 0.4))
@@ -161,10 +167,16 @@ def run_shape(pipe: Direct3DS2Pipeline, shape: str, resolutions, steps, device):
             latents = timer("sparse DiT 1024", lambda: pipe._sparse_stage(
                 "sparse_1024", coords_1024, context, mask, settings.sparse_1024_steps, 7.0, generator, clock),
                 steps=settings.sparse_1024_steps, note=f"{coords_1024.shape[0]} tokens")
-            vae, sign_refiner = pipe.models["sparse_vae_1024"], pipe.models["refiner_1024"]
-            sdf = timer("sparse VAE 1024 decode (chunked)", lambda: vae.decode(SparseVoxels(latents, coords_1024)))
-            timer("sign refiner 1024 (27 patches)", lambda: sign_refiner.sign_field(sdf.coords, sdf.feats, resolution=1024),
-                  note=f"{sdf.num_voxels} voxels")
+            def decode_1024():
+                with pipe._models_on_device("sparse_vae_1024") as vae:
+                    return vae.decode(SparseVoxels(latents, coords_1024))
+
+            def sign_1024():
+                with pipe._models_on_device("refiner_1024") as sign_refiner:
+                    return sign_refiner.sign_field(sdf.coords, sdf.feats, resolution=1024)
+
+            sdf = timer("sparse VAE 1024 decode (chunked)", decode_1024)
+            timer("sign refiner 1024 (27 patches)", sign_1024, note=f"{sdf.num_voxels} voxels")
             # marching cubes over the decoded band with the shape's own distances (normalised frame)
             points = torch.unique(sdf.coords[:, 1:].long(), dim=0)
             del sdf
@@ -194,15 +206,19 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, nargs=3, default=[50, 30, 15], metavar=("DENSE", "S512", "S1024"))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny models (smoke test of this script)")
+    parser.add_argument("--memory-mode", default="resident", choices=["resident", "sequential"])
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="run the sampler steps eagerly")
     args = parser.parse_args(argv)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    pipe = build_pipeline(args.version, args.device, dtype, args.tiny)
+    pipe = build_pipeline(args.version, args.device, dtype, args.tiny, args.memory_mode)
+    pipe.use_cuda_graphs = not args.no_cuda_graphs
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    print(f"# bench/generate.py  version={args.version} dtype={args.dtype} steps={args.steps} device={device_name}")
+    print(f"# bench/generate.py  version={args.version} dtype={args.dtype} steps={args.steps} "
+          f"memory_mode={args.memory_mode} cuda_graphs={not args.no_cuda_graphs} device={device_name}")
     weights = torch.cuda.memory_allocated() / 2**30 if args.device.startswith("cuda") else float("nan")
     print(f"# resident weights: {weights:.2f} GiB")
     for shape in args.shapes:
