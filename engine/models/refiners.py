@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import time
+import warnings
 from types import SimpleNamespace
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -76,9 +77,18 @@ def kernel_backend(name: str) -> Iterator[None]:
         set_kernel_backend(previous)
 
 
+# Set when a Triton kernel could not run under "auto" (no compiler, unsupported GPU): from then on
+# the process uses the PyTorch path, after one warning.
+_triton_failure: Optional[str] = None
+
+
+def _auto_uses_triton(x: Tensor) -> bool:
+    return x.is_cuda and _triton_failure is None
+
+
 def _triton_kernels(x: Tensor) -> Optional[SimpleNamespace]:
     """The Triton kernel modules to use for ``x`` under the current backend, or None for PyTorch."""
-    if _kernel_backend == "torch" or (_kernel_backend == "auto" and not x.is_cuda):
+    if _kernel_backend == "torch" or (_kernel_backend == "auto" and not _auto_uses_triton(x)):
         return None
     try:  # imported here: tests reload these modules under Triton's interpreter
         import engine.kernels.adaptive_filter as adaptive
@@ -88,6 +98,20 @@ def _triton_kernels(x: Tensor) -> Optional[SimpleNamespace]:
             raise
         return None
     return SimpleNamespace(adaptive=adaptive, norm=norm)
+
+
+def _run_triton(fn: Callable[..., Tensor], *args, **kwargs) -> Optional[Tensor]:
+    """``fn(*args, **kwargs)``; under "auto" a failure is reported once and gives None (use PyTorch)."""
+    global _triton_failure
+    try:
+        return fn(*args, **kwargs)
+    except Exception as error:
+        if _kernel_backend == "triton":
+            raise
+        _triton_failure = f"{type(error).__name__}: {error}"
+        warnings.warn(f"refiner Triton kernels unavailable ({_triton_failure}); using the PyTorch path",
+                      RuntimeWarning, stacklevel=3)
+        return None
 
 
 _CONV_BACKENDS = ("torch", "triton", "tuned")
@@ -191,7 +215,11 @@ def group_norm_silu(x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, ep
         raise ValueError(f"{channels} channels do not split into {num_groups} groups")
     kernels = _triton_kernels(x)
     if kernels is not None and kernels.norm.voxel_stride(x) is not None:
-        return kernels.norm.group_norm_silu(x, num_groups, weight, bias, eps, silu=silu, out=x if inplace else None)
+        # a kernel that cannot compile fails before writing anything, so x is intact for the fallback
+        out = _run_triton(kernels.norm.group_norm_silu, x, num_groups, weight, bias, eps, silu=silu,
+                          out=x if inplace else None)
+        if out is not None:
+            return out
     per_group = channels // num_groups
     spatial_dims = tuple(range(2, x.dim()))
     voxels = x[0, 0].numel() if x.numel() else 0
@@ -419,7 +447,9 @@ def adaptive_filter(x: Tensor, raw_weights: Tensor, iterations: int = 3) -> Tens
     """
     kernels = _triton_kernels(x)
     if kernels is not None and x.dim() == 5:
-        return kernels.adaptive.adaptive_filter(x, raw_weights, iterations)
+        out = _run_triton(kernels.adaptive.adaptive_filter, x, raw_weights, iterations)
+        if out is not None:
+            return out
     dims = x.shape[2:]
     norm = torch.linalg.vector_norm(raw_weights, ord=1, dim=1, keepdim=True, dtype=torch.float32)
     taps = raw_weights.div_(norm.clamp_min_(1e-12)).to(x.dtype)  # in place: no fp32 copy of 27 channels

@@ -193,6 +193,29 @@ def test_torch_backend_dispatch():
     assert refiners._kernel_backend == "auto"
 
 
+def test_auto_backend_falls_back_to_torch_when_triton_cannot_run(monkeypatch):
+    monkeypatch.setattr(refiners, "_triton_failure", None)
+    # behave as for CUDA tensors under "auto"
+    monkeypatch.setattr(refiners, "_auto_uses_triton", lambda x: refiners._triton_failure is None)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(gn_kernels, "group_norm_silu", broken)
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(1, 8, 3, 4, 5, generator=gen)
+    weight, bias = torch.randn(8, generator=gen), torch.randn(8, generator=gen)
+    with kernel_backend("torch"):
+        expected = refiners.group_norm_silu(x, 4, weight, bias, 1e-5, silu=True)
+    with kernel_backend("triton"), pytest.raises(RuntimeError):
+        refiners.group_norm_silu(x, 4, weight, bias, 1e-5, silu=True)
+    assert refiners._triton_failure is None
+    with pytest.warns(RuntimeWarning, match="no compiler"):
+        out = refiners.group_norm_silu(x, 4, weight, bias, 1e-5, silu=True)
+    assert torch.equal(out, expected)
+    assert refiners._triton_kernels(x) is None  # not tried again in this process
+
+
 # ------------------------------------------------------------------------------------- convolution
 # fp16 only: Triton's interpreter has no bf16 dot (the compiled kernel takes bf16 like fp16)
 @pytest.mark.parametrize("cin, cout, channels_last, bias", [
