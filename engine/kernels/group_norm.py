@@ -158,9 +158,9 @@ def group_norm_silu(x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, ep
     in_stride, out_stride = voxel_stride(x), voxel_stride(out)
     if in_stride is None or out_stride is None or out.shape != x.shape:
         raise ValueError("group_norm_silu needs 5D tensors whose spatial dims flatten (contiguous or channels_last_3d)")
-    voxels = x[0, 0].numel()
     if x.numel() == 0:
         return out
+    voxels = x[0, 0].numel()
     block_v, block_c = _tiles(channels)
     block_v = block_voxels or block_v
     tiles = triton.cdiv(voxels, block_v)
