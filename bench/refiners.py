@@ -102,7 +102,8 @@ def bench_refiner512(args, generator, rows, device, dtype):
                 warm = torch.rand(1, 9, 192, 192, 192, generator=generator).to(device=device, dtype=dtype)
                 model.refine_embedded_patch(warm[:, :1], warm[:, 1:])
                 if args.profile:
-                    kernel_profile(f"512 refiner patch, {name}", lambda: model.refine_embedded_patch(warm[:, :1], warm[:, 1:]))
+                    kernel_profile(f"512 refiner patch, {name}",
+                                   lambda: model.refine_embedded_patch(warm[:, :1], warm[:, 1:]))
                 del warm
                 total, per_patch, peak, volume = timed_run(
                     lambda progress: model.refine_volume(coords, sdf, feats, progress=progress), 27, args.repeats)
@@ -166,7 +167,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=2, help="timed whole-volume runs per configuration (best kept)")
     parser.add_argument("--compare", action="store_true", help="also time the PyTorch kernels, contiguous layout")
     parser.add_argument("--only", nargs="*", default=["refiner", "sign"], choices=["refiner", "sign"])
-    parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of one patch per configuration")
+    parser.add_argument("--profile", action="store_true",
+                        help="print the top GPU kernels of one patch per configuration")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench/refiners.py needs a CUDA GPU")

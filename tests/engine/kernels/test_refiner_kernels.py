@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 
 import pytest
 import torch
@@ -312,7 +311,8 @@ def _fixture_model(fx, cls, sign, dtype):
     from engine.models import cast_compute_layers
     params = fx["constructor_params"]
     widths = tuple(params["unet3d1_replaced_by"]["params"]["block_out_channels"])
-    config = RefinerConfig(sign=sign, block_out_channels=widths, patch_size=params["official_constructor"]["patch_size"])
+    config = RefinerConfig(sign=sign, block_out_channels=widths,
+                           patch_size=params["official_constructor"]["patch_size"])
     model = cls(config).eval()
     model.load_state_dict(fx["state_dict"], strict=True)
     return cast_compute_layers(model, dtype).to(DEVICE)
