@@ -248,31 +248,24 @@ def run_case(name: str, layout_name: str, args, tk, peak: float, rows: list, che
                          ref_ms=None, ours_tflops=flops["dense"] / dense_ms / 1e9,
                          peak_frac=flops["dense"] / dense_ms / 1e9 / peak, speedup_vs_ref=None,
                          dense_ms=dense_ms, speedup_vs_dense=1.0))
-    if args.tune and layout_name == "v1.1":
-        for tpp in (1, 2, 4, 8):
-            for bn in (16, 32, 64):
-                for nw in (4, 8):
-                    if tpp * 16 < 64 and nw == 8:
-                        continue
-                    try:
-                        ms = time_ms(lambda: tk.selection_attention(q, k, v, r_sel, offsets, tokens_per_program=tpp,
-                                                                    block_n=bn, num_warps=nw))
-                    except Exception as e:  # noqa: BLE001
-                        print("tune fail", tpp, bn, nw, repr(e)[:200])
-                        continue
-                    print(f"TUNE sel {name} tokens={tpp} block_n={bn} warps={nw}: {ms:.3f} ms")
-        for tpp in (2, 4, 8):
-            for bn in (32, 64, 128):
-                ms = time_ms(lambda: tk.compressed_attention(q, ck, cv, tokens_per_program=tpp, block_n=bn))
-                print(f"TUNE comp {name} tokens={tpp} block_n={bn}: {ms:.3f} ms")
     if args.tune:
+        # selection: tile size x key tile x the untimed options (reorder, prefetch)
         for tpp in (4, 8):
             for bn in (32, 64):
-                for reorder, prefetch in ((False, True), (True, False), (True, True)):
-                    ms = time_ms(lambda: tk.selection_attention(q, k, v, r_sel, offsets, tokens_per_program=tpp,
-                                                                block_n=bn, reorder=reorder, prefetch=prefetch))
+                for reorder, prefetch in ((False, False), (False, True), (True, False), (True, True)):
+                    try:
+                        ms = time_ms(lambda: tk.selection_attention(q, k, v, r_sel, offsets, tokens_per_program=tpp,
+                                                                    block_n=bn, reorder=reorder, prefetch=prefetch))
+                    except Exception as e:  # noqa: BLE001
+                        print("tune fail sel", tpp, bn, reorder, prefetch, repr(e)[:200])
+                        continue
                     print(f"TUNE sel {name} {layout_name} tokens={tpp} block_n={bn} reorder={reorder} "
                           f"prefetch={prefetch}: {ms:.3f} ms")
+        for tpp in (4, 8):
+            for bn in (32, 64):
+                ms = time_ms(lambda: tk.compressed_attention(q, ck, cv, tokens_per_program=tpp, block_n=bn))
+                print(f"TUNE comp {name} {layout_name} tokens={tpp} block_n={bn}: {ms:.3f} ms")
+        # scoring + top-k: layout x tile x merge
         variants = [("rows", tpp, None, 4) for tpp in (4, 8)]
         variants += [("heads", tpp, bb, 4) for tpp in (32, 64) for bb in (32, 64)]
         for var, tpp, bb, nw in variants:
