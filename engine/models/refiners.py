@@ -630,7 +630,7 @@ class Refiner512(_DenseLayout, nn.Module):
         self.config = config
         width = config.block_out_channels[0]
         self.conv_in = Conv3x3x3(config.in_channels, 8)
-        self.latent_mlp = GeoDecoder(32, 32, 8)
+        self.latent_mlp = GeoDecoder(config.feature_channels, 32, 8)
         self.unet3d1 = UNet3D(16, config.block_out_channels, config.layers_per_block, config.layers_mid_block,
                               config.norm_num_groups, 1e-5)
         self.adaptive_conv1 = _adaptive_weight_net(width)
