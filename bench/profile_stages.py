@@ -21,7 +21,11 @@ from engine.models import build  # noqa: E402
 from engine.sparse import SparseVoxels  # noqa: E402
 
 
-def show(title, fn, repeat=2, rows=25):
+ROWS = 25
+
+
+def show(title, fn, repeat=2, rows=None):
+    rows = rows or ROWS
     fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -41,13 +45,23 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="blobs", choices=list(SHAPES))
     parser.add_argument("--version", default="v1.1")
-    parser.add_argument("--only", nargs="*", default=["dit1024", "dit512", "refiner", "sign"])
+    parser.add_argument("--only", nargs="*", default=["dense", "dit1024", "dit512", "refiner", "sign"])
+    parser.add_argument("--rows", type=int, default=25)
     args = parser.parse_args()
+    global ROWS
+    ROWS = args.rows
     torch.backends.cudnn.benchmark = True
     g = torch.Generator().manual_seed(0)
     dev, dt = "cuda", torch.float16
     with torch.inference_mode():
         _, vertices, faces = shape_mesh_512(SHAPES[args.shape], dev)
+        if "dense" in args.only:
+            dit = randomise(build("dense_dit", args.version, dtype=dt), g).to(dev)
+            x = torch.randn(2, 8, 16, 16, 16, device=dev, dtype=dt)
+            ctx = torch.randn(2, 1374, 1024, device=dev)
+            t = torch.tensor([500.0], device=dev)
+            show("dense DiT, 4096 tokens, CFG batch 2", lambda: dit(x, t, ctx))
+            del dit
         for tag, res in (("dit512", 512), ("dit1024", 1024)):
             if tag not in args.only:
                 continue
