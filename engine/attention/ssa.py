@@ -505,7 +505,9 @@ class SpatialSparseAttention(nn.Module):
         multiple of 8, which keeps half-precision rows 16-byte aligned); rebuilt only when a weight
         changes."""
         weights = (self.proj_q.weight, self.proj_k.weight, self.proj_v.weight, self.gate[0].weight)
-        key = (dtype,) + tuple((w.data_ptr(), w._version, w.device) for w in weights)
+        # Inference tensors (weights created or moved under torch.inference_mode) have no version
+        # counter; they cannot change outside inference mode, so their storage identifies them.
+        key = (dtype,) + tuple((w.data_ptr(), 0 if w.is_inference() else w._version, w.device) for w in weights)
         cached = getattr(self, "_qkv_cache", None)
         if cached is None or cached[0] != key or torch.is_grad_enabled():
             rows = sum(w.shape[0] for w in weights)
