@@ -36,8 +36,20 @@ class DenseVAEConfig:
     use_fp16: bool = True
 
 
+class _TransformerHeads:
+    """Attention heads of a DiT config: ``num_heads`` when given, else width / head width."""
+
+    @property
+    def heads(self) -> int:
+        return self.num_heads or self.model_channels // self.num_head_channels
+
+    @property
+    def head_dim(self) -> int:
+        return self.model_channels // self.heads
+
+
 @dataclass(frozen=True)
-class DenseDiTConfig:
+class DenseDiTConfig(_TransformerHeads):
     """Dense DiT over the 16^3 latent grid (architecture notes 3.3)."""
     resolution: int = 16
     in_channels: int = 8
@@ -54,14 +66,6 @@ class DenseDiTConfig:
     share_mod: bool = False
     latent_shape: tuple = (8, 16, 16, 16)
     use_fp16: bool = True
-
-    @property
-    def heads(self) -> int:
-        return self.num_heads or self.model_channels // self.num_head_channels
-
-    @property
-    def head_dim(self) -> int:
-        return self.model_channels // self.heads
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,7 @@ class SparseVAEConfig:
 
 
 @dataclass(frozen=True)
-class SparseDiTConfig:
+class SparseDiTConfig(_TransformerHeads):
     """Sparse DiT with Spatial Sparse Attention (architecture notes 3.5 and 4)."""
     resolution: int = 64
     in_channels: int = 16
@@ -111,14 +115,6 @@ class SparseDiTConfig:
     qk_rms_norm_cross: bool = False
     share_mod: bool = False
     use_fp16: bool = True
-
-    @property
-    def heads(self) -> int:
-        return self.num_heads or self.model_channels // self.num_head_channels
-
-    @property
-    def head_dim(self) -> int:
-        return self.model_channels // self.heads
 
 
 @dataclass(frozen=True)
