@@ -171,13 +171,15 @@ def _select_heads_fwd(q_ptr, k_ptr, lse_ptr, members_ptr, out_ptr,
             col_ok = member >= 0
             k = tl.load(k_ptr + member[:, None] * sk_n + kv_head * sk_h + dims[None, :],
                         mask=col_ok[:, None], other=0.0)
+            part = tl.zeros([TOKENS, BLOCK_B], tl.float32)
             for g in range(0, G):
                 head = kv_head * G + g
                 q = tl.load(q_ptr + toks[:, None] * sq_n + head * sq_h + dims[None, :],
                             mask=tok_ok[:, None], other=0.0)
                 lse2 = tl.load(lse_ptr + head * n_tokens + toks, mask=tok_ok, other=0.0) * 1.4426950408889634
-                s = tl.dot(q, tl.trans(k)) * scale_log2 - lse2[:, None]
-                score += tl.where(col_ok[None, :], tl.exp2(s), 0.0)
+                part += tl.exp2(tl.dot(q, tl.trans(k)) * scale_log2 - lse2[:, None])
+            # absent members (zero keys) gave finite junk: drop it once per slot, not per head
+            score += tl.where(col_ok[None, :], part, 0.0)
         best = _merge(best, _chunk_keys(score, b0, num_blocks, BLOCK_B), topk, TOKENS, W, REPLACE,
                       SORT)
     _store_selection(best, out_ptr + kv_head * so_h, toks * so_n, n_tokens * so_n, topk, W)
