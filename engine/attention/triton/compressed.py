@@ -44,12 +44,12 @@ def _compressed_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
         col_ok = cols < n_comp
         k = tl.load(k_ptr + cols[:, None] * sk_n + kv_head * sk_h + dims[None, :],
                     mask=col_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale_log2            # logits in log2 units
-        s = tl.where(col_ok[None, :], s, float("-inf"))
-        # the first tile always holds a valid key, so m_new is finite from then on
+        s = tl.where(col_ok[None, :], tl.dot(q, tl.trans(k)), float("-inf"))      # raw logits
+        # the first tile always holds a valid key, so m_new is finite from then on; the scale
+        # (in log2 units) is folded into one FMA per element
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2((m_i - m_new) * scale_log2)
+        p = tl.exp2(s * scale_log2 - (m_new * scale_log2)[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptr + cols[:, None] * sv_n + kv_head * sv_h + dims[None, :],
                     mask=col_ok[:, None], other=0.0)
@@ -58,8 +58,9 @@ def _compressed_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
     out = acc / l_i[:, None]
     tl.store(o_ptr + tok[:, None] * so_n + head[:, None] * so_h + dims[None, :],
              out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
-    # lse (natural log) = (m + log2 l) * ln 2
-    tl.store(lse_ptr + head * n_tokens + tok, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=row_ok)
+    # lse (natural log) = (m * scale * log2(e) + log2 l) * ln 2, m the raw-logit max
+    tl.store(lse_ptr + head * n_tokens + tok, (m_i * scale_log2 + tl.log2(l_i)) * 0.6931471805599453,
+             mask=row_ok)
 
 
 def _last_dim_contiguous(x: Tensor) -> Tensor:

@@ -32,12 +32,13 @@ def _attend_block(q, k_ptr, v_ptr, sel, block, start, end, kv_head, m_i, l_i, ac
         col_ok = cols < end
         k = tl.load(k_ptr + cols[:, None] * sk_n + kv_head * sk_h + dims[None, :],
                     mask=col_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale_log2
-        ok = in_block[:, None] & col_ok[None, :]
-        s = tl.where(ok, s, -1.0e30)
+        # raw logits; masked ones -inf. m_i starts finite (-1e30), so m_new stays finite and a row
+        # with no valid key yet gets p = exp2(-inf) = 0 and alpha = 1; the scale is folded into
+        # one FMA per element
+        s = tl.where(in_block[:, None] & col_ok[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.where(ok, tl.exp2(s - m_new[:, None]), 0.0)
+        alpha = tl.exp2((m_i - m_new) * scale_log2)
+        p = tl.exp2(s * scale_log2 - (m_new * scale_log2)[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptr + cols[:, None] * sv_n + kv_head * sv_h + dims[None, :],
                     mask=col_ok[:, None], other=0.0)
@@ -73,7 +74,7 @@ def _selection_fwd(q_ptr, k_ptr, v_ptr, o_ptr, sel_ptr, union_ptr, offsets_ptr, 
     sel = tl.load(sel_ptr + kv_head * ss_h + tok[:, None] * ss_n + slots[None, :],
                   mask=row_ok[:, None] & (slots < topk)[None, :], other=-1)
 
-    # finite "minus infinity": rows that have seen no key yet keep m = -1e30 and alpha = 1
+    # running max of the raw logits; finite start (see _attend_block)
     m_i = tl.full([M], -1.0e30, tl.float32)
     l_i = tl.zeros([M], tl.float32)
     acc = tl.zeros([M, D], tl.float32)

@@ -53,12 +53,11 @@ def _window_fwd(q_ptr, k_ptr, v_ptr, o_ptr, order_ptr, win_ptr, cu_ptr,
             krow = tl.load(order_ptr + cols, mask=col_ok, other=0)
             k = tl.load(k_ptr + krow[:, None] * sk_n + kv_head * sk_h + dims[None, :],
                         mask=col_ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale_log2
-            ok = in_win[:, None] & col_ok[None, :]
-            s = tl.where(ok, s, -1.0e30)
+            # raw logits, masked ones -inf; m_i starts finite, so p = 0 there (as in selection.py)
+            s = tl.where(in_win[:, None] & col_ok[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.where(ok, tl.exp2(s - m_new[:, None]), 0.0)
+            alpha = tl.exp2((m_i - m_new) * scale_log2)
+            p = tl.exp2(s * scale_log2 - (m_new * scale_log2)[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v = tl.load(v_ptr + krow[:, None] * sv_n + kv_head * sv_h + dims[None, :],
                         mask=col_ok[:, None], other=0.0)
