@@ -64,7 +64,12 @@ def _compressed_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
 
 
 def _last_dim_contiguous(x: Tensor) -> Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
+    """Unit stride on the head dim (other strides are passed to the kernels); offsets are 32-bit
+    in the kernels, so the addressed extent must stay below 2^31 elements."""
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    if x.numel() and (x.shape[0] - 1) * x.stride(0) + x.shape[1] * x.stride(1) >= 2**31:
+        raise ValueError(f"tensor of shape {tuple(x.shape)} is too large for the SSA kernels' 32-bit offsets")
+    return x
 
 
 def compressed_attention(q: Tensor, ck: Tensor, cv: Tensor, *, tokens_per_program: int | None = None,
