@@ -1,8 +1,10 @@
 """Building blocks shared by the dense and sparse transformers (architecture notes 3.1)."""
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional
+import warnings
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +38,82 @@ def half_layer_norm(x: torch.Tensor, shape, weight, bias, eps: float) -> torch.T
             return out
     return F.layer_norm(x, shape, None if weight is None else weight.to(x.dtype),
                         None if bias is None else bias.to(x.dtype), eps)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fused elementwise kernels of the modulated blocks: Triton on CUDA (engine.kernels.modulation),
+# PyTorch elsewhere and as the test oracle
+# ----------------------------------------------------------------------------------------------------
+_BLOCK_KERNEL_BACKENDS = ("auto", "torch", "triton")
+_block_kernel_backend = "auto"
+# Set when a kernel could not run under "auto" (no compiler, unsupported GPU): from then on the
+# process uses the PyTorch path, after one warning.
+_modulation_failure: Optional[str] = None
+
+
+def set_block_kernel_backend(name: str) -> str:
+    """Select how the norms, adaLN modulations and residuals of the DiT blocks run; returns the
+    previous setting.
+
+    ``"auto"``: the Triton kernels of :mod:`engine.kernels.modulation` for fp16/bf16 CUDA tensors,
+    PyTorch otherwise; ``"torch"``: always PyTorch; ``"triton"``: always Triton (any float dtype; on
+    CPU only through ``TRITON_INTERPRET=1``). Under autograd the PyTorch path runs regardless.
+    """
+    global _block_kernel_backend
+    if name not in _BLOCK_KERNEL_BACKENDS:
+        raise ValueError(f"unknown block kernel backend {name!r}; expected one of {_BLOCK_KERNEL_BACKENDS}")
+    previous, _block_kernel_backend = _block_kernel_backend, name
+    return previous
+
+
+@contextlib.contextmanager
+def block_kernel_backend(name: str) -> Iterator[None]:
+    """Context manager form of :func:`set_block_kernel_backend`."""
+    previous = set_block_kernel_backend(name)
+    try:
+        yield
+    finally:
+        set_block_kernel_backend(previous)
+
+
+def _auto_uses_kernels(x: torch.Tensor) -> bool:
+    return x.is_cuda and x.dtype in _HALF_DTYPES and _modulation_failure is None
+
+
+def _modulation_kernels(x: torch.Tensor, *operands: torch.Tensor, parameters=()):
+    """The kernel module to use for ``x`` under the current backend, or None for PyTorch.
+
+    ``operands`` must share x's dtype and device (shift/scale/gate rows); ``parameters`` (norm
+    weights, any float dtype) its device. With autograd recording, PyTorch.
+    """
+    if _block_kernel_backend == "torch" or (_block_kernel_backend == "auto" and not _auto_uses_kernels(x)):
+        return None
+    if not x.is_floating_point() or any(t.dtype != x.dtype or t.device != x.device for t in operands) \
+            or any(p.device != x.device for p in parameters):
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *operands, *parameters)):
+        return None
+    try:  # imported here: tests reload the module under Triton's interpreter
+        import engine.kernels.modulation as kernels
+    except ImportError:
+        if _block_kernel_backend == "triton":
+            raise
+        return None
+    return kernels
+
+
+def _run_kernel(kernel: Callable, fallback: Callable):
+    """``kernel()``; under "auto" a failure is reported once and gives ``fallback()`` (PyTorch)."""
+    global _modulation_failure
+    try:
+        return kernel()
+    except Exception as error:
+        if _block_kernel_backend == "triton":
+            raise
+        _modulation_failure = f"{type(error).__name__}: {error}"
+        warnings.warn(f"DiT block Triton kernels unavailable ({_modulation_failure}); using the PyTorch path",
+                      RuntimeWarning, stacklevel=3)
+        return fallback()
 
 
 class LayerNorm32(nn.LayerNorm):
@@ -185,6 +263,13 @@ class MultiHeadRMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(heads, head_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., H, D]
+        kernels = _modulation_kernels(x, parameters=(self.gamma,)) if x.dim() >= 2 else None
+        if kernels is not None:   # one pass, reading strided q/k views in place (engine.kernels.modulation)
+            return _run_kernel(lambda: kernels.multi_head_rms_norm(x, self.gamma, self.scale),
+                               lambda: self._torch_forward(x))
+        return self._torch_forward(x)
+
+    def _torch_forward(self, x: torch.Tensor) -> torch.Tensor:
         return (F.normalize(x.float(), dim=-1) * self.gamma.float() * self.scale).to(x.dtype)
 
 
@@ -260,10 +345,73 @@ class ModulatedCrossBlock(nn.Module):
         return tuple(m.unsqueeze(1) for m in mod.chunk(6, dim=-1))
 
     def forward(self, x: torch.Tensor, t_emb: torch.Tensor, context, **self_attn_kwargs) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(t_emb)
+        mods = self.modulation(t_emb)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+        kernels = None
+        if x.dim() == 3 and not self._records_autograd(x, t_emb, context):
+            kernels = _modulation_kernels(x, *mods, parameters=self._norm_parameters())
+        if kernels is not None:
+            return self._fused_forward(kernels, x, mods, context, self_attn_kwargs)
         # each modulation / gated residual is one fused multiply-add pass over the tokens
         h = torch.addcmul(shift_msa, self.norm1(x), 1 + scale_msa)
         x = torch.addcmul(x, gate_msa, self.self_attn(h, **self_attn_kwargs))
         x = x + self.cross_attn(self.norm2(x), context)
         h = torch.addcmul(shift_mlp, self.norm3(x), 1 + scale_mlp)
         return torch.addcmul(x, gate_mlp, self.mlp(h))
+
+    def _norm_parameters(self) -> tuple:
+        return tuple(p for norm in (self.norm1, self.norm2, self.norm3) for p in (norm.weight, norm.bias)
+                     if p is not None)
+
+    def _records_autograd(self, x: torch.Tensor, t_emb: torch.Tensor, context) -> bool:
+        """Whether autograd records this forward (then the PyTorch path runs: the kernels have no
+        backward)."""
+        if not torch.is_grad_enabled():
+            return False
+        tensors = [x, t_emb] + [t for t in (context if isinstance(context, tuple) else (context,))
+                                if isinstance(t, torch.Tensor)]
+        return any(t.requires_grad for t in tensors) or any(p.requires_grad for p in self.parameters())
+
+    def _fused_forward(self, kernels, x: torch.Tensor, mods, context, self_attn_kwargs) -> torch.Tensor:
+        """The same formulas with the elementwise work in four passes (engine.kernels.modulation):
+        LN1 + modulation; gated residual + LN2 (affine); residual + LN3 + modulation; gated residual.
+        Each step has the PyTorch formula as its fallback; a branch output of another dtype or shape
+        than the tokens (never in the released models) takes it too."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+        n1, n2, n3 = self.norm1, self.norm2, self.norm3
+
+        def fits(y: torch.Tensor) -> bool:
+            return y.dtype == x.dtype and y.shape == x.shape and y.device == x.device
+
+        h = _run_kernel(lambda: kernels.layer_norm_modulate(x, shift_msa, scale_msa, n1.eps, weight=n1.weight,
+                                                            bias=n1.bias),
+                        lambda: torch.addcmul(shift_msa, n1(x), 1 + scale_msa))
+        y = self.self_attn(h, **self_attn_kwargs)
+
+        def torch_attention_residual():
+            stream = torch.addcmul(x, gate_msa, y)
+            return stream, n2(stream)
+
+        if fits(y):   # a new stream: the caller's x is never written
+            x, h = _run_kernel(lambda: kernels.residual_layer_norm(x, y, gate_msa, eps=n2.eps, weight=n2.weight,
+                                                                   bias=n2.bias),
+                               torch_attention_residual)
+        else:
+            x, h = torch_attention_residual()
+        y = self.cross_attn(h, context)
+
+        def torch_cross_residual():
+            stream = x + y
+            return stream, torch.addcmul(shift_mlp, n3(stream), 1 + scale_mlp)
+
+        if fits(y):   # x is this block's own stream from here on: updated in place
+            x, h = _run_kernel(lambda: kernels.residual_layer_norm(
+                x, y, eps=n3.eps, weight=n3.weight, bias=n3.bias, shift=shift_mlp, scale=scale_mlp,
+                residual_out=x if x.is_contiguous() else None), torch_cross_residual)
+        else:
+            x, h = torch_cross_residual()
+        y = self.mlp(h)
+        if fits(y):
+            return _run_kernel(lambda: kernels.gated_residual(x, gate_mlp, y, inplace=x.is_contiguous()),
+                               lambda: torch.addcmul(x, gate_mlp, y))
+        return torch.addcmul(x, gate_mlp, y)

@@ -1,0 +1,370 @@
+"""Triton kernels of the adaLN-modulated blocks (engine.kernels.modulation) against the PyTorch
+expressions of engine.models.blocks, and the block's kernel path against its PyTorch path.
+
+On CPU the kernels run through Triton's interpreter (TRITON_INTERPRET=1, set below before the kernel
+module is imported or reloaded); on a CUDA machine the same tests run the compiled kernels.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+triton = pytest.importorskip("triton")
+
+from engine.models import blocks  # noqa: E402
+from engine.models.blocks import (ModulatedCrossBlock, MultiHeadAttention, MultiHeadRMSNorm,  # noqa: E402
+                                  block_kernel_backend)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _fix_interpreter():
+    """Two shortcomings of Triton 3.6's interpreter, patched for these tests only:
+
+    * a scalar kernel argument used as an index is converted with ``int(array)`` on a shape-[1]
+      array, which numpy >= 2.4 rejects: take its single element instead;
+    * fp32 -> bf16 casts truncate the mantissa (the compiled kernels round to nearest even): round
+      them to nearest even as the GPU does, so bf16 results can be compared rounding for rounding.
+    """
+    from triton.runtime import interpreter
+    current = interpreter._patch_lang_tensor
+    if not getattr(current, "_takes_first_element", False):
+        def patch(tensor, scope):
+            current(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+        patch._takes_first_element = True
+        interpreter._patch_lang_tensor = patch
+
+    builder = interpreter.InterpreterBuilder
+    cast = builder.cast_impl
+    if getattr(cast, "_rounds_bf16", False):
+        return
+
+    def cast_impl(self, src, dst_type):
+        import triton.language as tl
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            values = torch.from_numpy(src.data.astype("float32", copy=True))
+            bits = values.to(torch.bfloat16).view(torch.int16).numpy().view("uint16")
+            return interpreter.TensorHandle(bits, dst_type.scalar)
+        return cast(self, src, dst_type)
+
+    cast_impl._rounds_bf16 = True
+    builder.cast_impl = cast_impl
+
+
+def _kernel_module():
+    import engine.kernels.modulation as kernels
+    if INTERPRETED:
+        _fix_interpreter()
+        from triton.runtime.interpreter import InterpretedFunction
+        if not isinstance(kernels._row_kernel, InterpretedFunction):
+            kernels = importlib.reload(kernels)
+    return kernels
+
+
+mk = _kernel_module()
+
+
+def _ulp_close(out: torch.Tensor, expected: torch.Tensor, ulps: float = 1.0, atol: float = 1e-5):
+    """Within ``ulps`` rounding steps (relative eps of the dtype) of ``expected``, plus a small absolute
+    slack for values near zero whose fp32 statistics differ in the last bits."""
+    assert out.dtype == expected.dtype and out.shape == expected.shape
+    rtol = ulps * torch.finfo(out.dtype).eps
+    torch.testing.assert_close(out.float(), expected.float(), rtol=rtol, atol=atol)
+
+
+def _mostly_equal(out: torch.Tensor, expected: torch.Tensor, fraction: float = 0.02):
+    """Half-precision results equal to the PyTorch expression but for rare rounding ties (fp32
+    statistics summed in another order)."""
+    if out.dtype != torch.float32:
+        assert (out != expected).float().mean().item() <= fraction
+
+
+def _modulation(batch: int, channels: int, dtype, gen):
+    """shift, scale, gate as the views ``ModulatedCrossBlock.modulation`` gives ([B, 1, C], batch
+    stride 6C)."""
+    mod = (torch.randn(batch, 6 * channels, generator=gen) * 0.5).to(dtype).to(DEVICE)
+    return tuple(m.unsqueeze(1) for m in mod.chunk(6, dim=-1))
+
+
+def _tokens(shape, dtype, gen, offset=0.0, spread=3.0):
+    return (torch.randn(shape, generator=gen) * spread + offset).to(dtype).to(DEVICE)
+
+
+def _torch_norm(x, eps, weight=None, bias=None):
+    """The PyTorch path's norm: LayerNorm32 (fp32 statistics and affine map, rounded once)."""
+    w = None if weight is None else weight.float()
+    b = None if bias is None else bias.float()
+    return F.layer_norm(x.float(), x.shape[-1:], w, b, eps).to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------ row kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch, tokens, channels, block_rows", [(1, 29, 40, 8), (2, 37, 24, 4), (2, 13, 64, None)])
+def test_layer_norm_modulate_matches_addcmul_of_the_norm(dtype, batch, tokens, channels, block_rows):
+    gen = torch.Generator().manual_seed(0)
+    # a common offset tests the centred variance; odd token counts put batch boundaries inside programs
+    x = _tokens((batch, tokens, channels), dtype, gen, offset=4.0)
+    shift, scale, *_ = _modulation(batch, channels, dtype, gen)
+    expected = torch.addcmul(shift, _torch_norm(x, 1e-6), 1 + scale)
+    out = mk.layer_norm_modulate(x, shift, scale, 1e-6, block_rows=block_rows)
+    assert out.dtype == dtype and out.shape == x.shape and out.is_contiguous()
+    _ulp_close(out, expected, ulps=2)
+    _mostly_equal(out, expected)
+    # [B, C] rows and a broadcast batch of one give the same
+    torch.testing.assert_close(mk.layer_norm_modulate(x, shift[:, 0], scale[:, 0], 1e-6, block_rows=block_rows),
+                               out, rtol=0, atol=0)
+    if batch == 2:
+        one = mk.layer_norm_modulate(x, shift[:1], scale[:1], 1e-6, block_rows=block_rows)
+        _ulp_close(one, torch.addcmul(shift[:1], _torch_norm(x, 1e-6), 1 + scale[:1]), ulps=2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_gated_residual_matches_addcmul(dtype, batch):
+    gen = torch.Generator().manual_seed(1)
+    x = _tokens((batch, 21, 48), dtype, gen)
+    y = _tokens((batch, 21, 48), dtype, gen)
+    _, _, gate, *_ = _modulation(batch, 48, dtype, gen)
+    expected = torch.addcmul(x, gate, y)
+    out = mk.gated_residual(x, gate, y, block_rows=8)
+    assert out.data_ptr() != x.data_ptr()
+    _ulp_close(out, expected)
+    _mostly_equal(out, expected, fraction=0.0 if dtype != torch.float32 else 1.0)
+    _ulp_close(mk.gated_residual(x, None, y, block_rows=8), x + y)
+    # in place
+    target = x.clone()
+    result = mk.gated_residual(target, gate, y, inplace=True, block_rows=8)
+    assert result.data_ptr() == target.data_ptr()
+    torch.testing.assert_close(target, out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_residual_then_affine_norm(dtype, batch):
+    """x + gate * y and the affine LN of the new stream (fp32 or half parameters) in one pass."""
+    gen = torch.Generator().manual_seed(2)
+    channels = 40
+    x = _tokens((batch, 19, channels), dtype, gen, offset=1.0)
+    y = _tokens((batch, 19, channels), dtype, gen)
+    _, _, gate, *_ = _modulation(batch, channels, dtype, gen)
+    weight = (torch.randn(channels, generator=gen) + 1).to(DEVICE)
+    bias = torch.randn(channels, generator=gen).to(DEVICE)
+    stream = torch.addcmul(x, gate, y)
+    for w, b in ((weight, bias), (weight.to(dtype), bias.to(dtype))):
+        expected = _torch_norm(stream, 1e-6, w, b)
+        residual, normed = mk.residual_layer_norm(x, y, gate, eps=1e-6, weight=w, bias=b, block_rows=4)
+        _ulp_close(residual, stream)
+        _ulp_close(normed, expected, ulps=2, atol=1e-4)
+        _mostly_equal(normed, expected)
+    # the affine norm alone
+    expected = _torch_norm(x, 1e-5, weight, bias)
+    normed = mk.layer_norm(x, 1e-5, weight, bias, block_rows=16)
+    _ulp_close(normed, expected, ulps=2, atol=1e-4)
+    _ulp_close(mk.layer_norm(x, 1e-5), _torch_norm(x, 1e-5), ulps=2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_residual_then_modulated_norm_in_place(dtype, batch):
+    """x + y (ungated, the cross-attention residual) and LN(x) * (1 + scale) + shift in one pass,
+    the stream written back into x."""
+    gen = torch.Generator().manual_seed(3)
+    channels = 56
+    x = _tokens((batch, 23, channels), dtype, gen, offset=-2.0)
+    y = _tokens((batch, 23, channels), dtype, gen)
+    *_, shift, scale, _ = _modulation(batch, channels, dtype, gen)
+    stream = x + y
+    expected = torch.addcmul(shift, _torch_norm(stream, 1e-6), 1 + scale)
+    target = x.clone()
+    residual, h = mk.residual_layer_norm(target, y, eps=1e-6, shift=shift, scale=scale, residual_out=target,
+                                         block_rows=8)
+    assert residual.data_ptr() == target.data_ptr()
+    _ulp_close(residual, stream)
+    _ulp_close(h, expected, ulps=2)
+    _mostly_equal(h, expected)
+
+
+def test_row_kernels_on_flat_tokens_strided_rows_and_bad_operands():
+    gen = torch.Generator().manual_seed(4)
+    # [N, C] tokens (one batch element), and rows with a stride larger than C (a slice of a buffer)
+    buffer = _tokens((30, 80), torch.float16, gen)
+    x = buffer[:, 8:48]
+    shift, scale = (torch.randn(1, 40, generator=gen).half().to(DEVICE) for _ in range(2))
+    expected = torch.addcmul(shift, _torch_norm(x, 1e-6), 1 + scale)
+    _ulp_close(mk.layer_norm_modulate(x, shift, scale, 1e-6, block_rows=8), expected, ulps=2)
+    y = _tokens((30, 40), torch.float16, gen)
+    _ulp_close(mk.gated_residual(x, shift, y, block_rows=8), torch.addcmul(x, shift, y))
+    empty = torch.empty(2, 0, 40, dtype=torch.float16, device=DEVICE)
+    assert mk.layer_norm_modulate(empty, shift, scale, 1e-6).shape == empty.shape
+    with pytest.raises(ValueError):   # dtypes must agree
+        mk.gated_residual(x, shift.float(), y)
+    with pytest.raises(ValueError):   # one shift row per batch element (or one for all)
+        mk.layer_norm_modulate(_tokens((2, 5, 40), torch.float16, gen), torch.zeros(3, 40).half().to(DEVICE),
+                               torch.zeros(3, 40).half().to(DEVICE), 1e-6)
+    # in place on rows with a stride: the buffer around them is untouched
+    before = buffer.clone()
+    mk.gated_residual(x, None, y, inplace=True, block_rows=8)
+    _ulp_close(x, before[:, 8:48] + y)
+    assert torch.equal(buffer[:, :8], before[:, :8]) and torch.equal(buffer[:, 48:], before[:, 48:])
+    with pytest.raises(ValueError):   # an output whose rows do not have one stride
+        part = _tokens((2, 7, 40), torch.float16, gen)[:, :5]
+        mk.gated_residual(part, None, part.clone(), inplace=True)
+
+
+# ------------------------------------------------------------------------------------ RMS norm
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_multi_head_rms_norm_matches_the_module(dtype, batch):
+    gen = torch.Generator().manual_seed(5)
+    heads, width = 3, 24
+    norm = MultiHeadRMSNorm(width, heads)
+    with torch.no_grad():
+        norm.gamma.normal_(1.0, 0.3)
+    norm = norm.to(DEVICE)
+    # q and k as the strided views of a fused qkv projection [B, L, 3, H, D]
+    qkv = _tokens((batch, 17, 3 * heads * width), dtype, gen, offset=0.5)
+    q, k, _ = qkv.unflatten(-1, (3, heads, width)).unbind(dim=-3)
+    for t in (q, k, q.contiguous(), q[0]):
+        with block_kernel_backend("torch"):
+            expected = norm(t)
+        out = mk.multi_head_rms_norm(t, norm.gamma, norm.scale, block_rows=16)
+        assert out.shape == t.shape and out.dtype == dtype and out.is_contiguous()
+        _ulp_close(out, expected, atol=1e-4)
+        _mostly_equal(out, expected)
+    zero = torch.zeros(1, 2, heads, width, dtype=dtype, device=DEVICE)   # F.normalize's eps: zeros stay zeros
+    assert torch.equal(mk.multi_head_rms_norm(zero, norm.gamma, norm.scale), zero)
+
+
+# ------------------------------------------------------------------------------------ the block
+def _tiny_block(dtype, channels=40, heads=4, qk_rms_norm=True):
+    torch.manual_seed(7)
+    block = ModulatedCrossBlock(channels, MultiHeadAttention(channels, heads, qk_rms_norm=qk_rms_norm),
+                                MultiHeadAttention(channels, heads, ctx_channels=24, attn_type="cross"))
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.3)
+        block.norm2.weight.add_(1.0)
+    block = block.to(DEVICE)
+    for module in block.modules():   # compute layers in dtype, norms keep fp32 parameters
+        if isinstance(module, torch.nn.Linear):
+            module.to(dtype)
+    return block
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_block_kernel_path_matches_torch_path(dtype, batch):
+    block = _tiny_block(dtype)
+    gen = torch.Generator().manual_seed(8)
+    x = _tokens((batch, 33, 40), dtype, gen, spread=1.0)
+    t_emb = _tokens((batch, 40), dtype, gen, spread=1.0)
+    context = _tokens((batch, 9, 24), dtype, gen, spread=1.0)
+    x_before = x.clone()
+    with torch.no_grad():
+        with block_kernel_backend("torch"):
+            expected = block(x, t_emb, context)
+        with block_kernel_backend("triton"):
+            calls = []
+            with _count_kernel_calls(calls):
+                out = block(x, t_emb, context)
+    assert torch.equal(x, x_before), "the block must not write into its input"
+    assert calls == ["layer_norm_modulate", "residual_layer_norm", "residual_layer_norm", "gated_residual"]
+    assert out.dtype == dtype and out.shape == x.shape
+    # the same roundings step by step; differences come from fp32 summation order in the statistics
+    # and attention inputs that differ in a rare last bit (one rounding step, relative to the output)
+    eps = torch.finfo(dtype).eps if dtype != torch.float32 else 1e-6
+    err = (out.float() - expected.float()).abs().max().item()
+    assert err <= 4 * eps * expected.float().abs().max().item(), err
+
+
+class _count_kernel_calls:
+    """Records the names of the engine.kernels.modulation functions the block calls."""
+
+    NAMES = ("layer_norm_modulate", "residual_layer_norm", "gated_residual", "layer_norm", "multi_head_rms_norm")
+
+    def __init__(self, calls):
+        self.calls, self.saved = calls, {}
+
+    def __enter__(self):
+        for name in self.NAMES:
+            original = getattr(mk, name)
+            self.saved[name] = original
+
+            def wrapper(*args, _name=name, _original=original, **kwargs):
+                if _name != "multi_head_rms_norm":
+                    self.calls.append(_name)
+                return _original(*args, **kwargs)
+
+            setattr(mk, name, wrapper)
+        return self
+
+    def __exit__(self, *exc):
+        for name, original in self.saved.items():
+            setattr(mk, name, original)
+
+
+def test_rms_norm_module_kernel_path():
+    norm = MultiHeadRMSNorm(16, 2).to(DEVICE)
+    with torch.no_grad():
+        norm.gamma.normal_(1.0, 0.2)
+    x = torch.randn(2, 5, 2, 16).half().to(DEVICE)
+    with block_kernel_backend("torch"):
+        expected = norm(x)
+    with block_kernel_backend("triton"):
+        out = norm(x)
+    _ulp_close(out, expected, atol=1e-4)
+
+
+def test_dispatch_rules(monkeypatch):
+    x = torch.randn(2, 3, 8)
+    with block_kernel_backend("torch"):
+        assert blocks._modulation_kernels(x) is None
+    with block_kernel_backend("triton"):
+        assert blocks._modulation_kernels(x) is not None
+        assert blocks._modulation_kernels(x, x.half()) is None           # mixed dtypes: PyTorch
+        weight = torch.nn.Parameter(torch.ones(8))
+        with torch.enable_grad():                                        # autograd needs the PyTorch path
+            assert blocks._modulation_kernels(x, weight) is None
+        with torch.no_grad():
+            assert blocks._modulation_kernels(x, weight) is not None
+    # "auto": CPU tensors and fp32 stay on PyTorch
+    assert blocks._block_kernel_backend == "auto"
+    assert blocks._modulation_kernels(x.half()) is None
+    with pytest.raises(ValueError):
+        blocks.set_block_kernel_backend("cuda")
+
+
+def test_auto_backend_falls_back_to_torch_when_triton_cannot_run(monkeypatch):
+    block = _tiny_block(torch.float16)
+    gen = torch.Generator().manual_seed(9)
+    x = _tokens((2, 11, 40), torch.float16, gen, spread=1.0)
+    t_emb = _tokens((2, 40), torch.float16, gen, spread=1.0)
+    context = _tokens((2, 9, 24), torch.float16, gen, spread=1.0)
+    with torch.no_grad(), block_kernel_backend("torch"):
+        expected = block(x, t_emb, context)
+    monkeypatch.setattr(blocks, "_modulation_failure", None)
+    # behave as for CUDA tensors under "auto"
+    monkeypatch.setattr(blocks, "_auto_uses_kernels", lambda t: blocks._modulation_failure is None)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(mk, "residual_layer_norm", broken)
+    with torch.no_grad(), block_kernel_backend("triton"), pytest.raises(RuntimeError):
+        block(x, t_emb, context)
+    assert blocks._modulation_failure is None
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="no compiler"):
+        out = block(x, t_emb, context)
+    _ulp_close(out, expected, ulps=4, atol=1e-3)
+    assert blocks._modulation_kernels(x) is None          # not tried again in this process
