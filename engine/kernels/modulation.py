@@ -16,6 +16,10 @@ paths agree up to the fp32 summation order of the statistics:
 to the input dtype, ``torch.addcmul`` (fp32 multiply-add, rounded once). The residual stream is
 rounded before it is normalised, as the PyTorch path normalises the stored tensor.
 
+``gated_branch_sum`` is the gated sum of the three Spatial Sparse Attention branches
+(``sigmoid(gate logits)``, then ``torch.mul`` and two ``addcmul_`` as ``engine.attention.ssa`` writes it,
+with the same roundings) in one pass; it is offered to the SSA code, which does not call it yet.
+
 ``multi_head_rms_norm`` is the per-head q/k RMS norm of ``MultiHeadRMSNorm``
 (``F.normalize(x.float(), dim=-1) * gamma * sqrt(D)``, rounded once) in one pass that also reads
 q/k straight out of the strided views of the fused qkv projection.
@@ -33,7 +37,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["layer_norm_modulate", "gated_residual", "residual_layer_norm", "layer_norm", "multi_head_rms_norm"]
+__all__ = ["layer_norm_modulate", "gated_residual", "residual_layer_norm", "layer_norm", "multi_head_rms_norm",
+           "gated_branch_sum"]
 
 # Elements per program of the row kernels and warps per program: 4 rows of 1024 channels with
 # 8 warps keeps 16 values of each operand per thread (two 16-byte fp16 vectors).
@@ -107,6 +112,33 @@ def _rms_norm_kernel(x_ptr, gamma_ptr, out_ptr, rows, heads, tokens, D, sxb, sxl
     y = tl.div_rn(x, denom[:, None]) * gamma
     y = y * factor
     tl.store(out_ptr + row.to(tl.int64)[:, None] * D + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["tokens"])
+def _gated_sum_kernel(a_ptr, b_ptr, c_ptr, logit_ptr, out_ptr, tokens, width,
+                      san, sah, sbn, sbh, scn, sch, sln, son, soh,
+                      HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    token = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    token_ok = token < tokens
+    cols = tl.arange(0, BLOCK_C)
+    col_ok = cols < width
+    mask = token_ok[:, None] & col_ok[None, :]
+    head = (cols // HEAD_DIM).to(tl.int64)
+    dim = cols % HEAD_DIM
+    n = token.to(tl.int64)
+    dtype = out_ptr.dtype.element_ty
+    # sigmoid of the three logits in fp32, rounded (the PyTorch path's gate tensor)
+    logits = logit_ptr + n * sln
+    g0 = (1.0 / (1.0 + tl.exp(-tl.load(logits, mask=token_ok, other=0.0).to(tl.float32)))).to(dtype).to(tl.float32)
+    g1 = (1.0 / (1.0 + tl.exp(-tl.load(logits + 1, mask=token_ok, other=0.0).to(tl.float32)))).to(dtype).to(tl.float32)
+    g2 = (1.0 / (1.0 + tl.exp(-tl.load(logits + 2, mask=token_ok, other=0.0).to(tl.float32)))).to(dtype).to(tl.float32)
+    a = tl.load(a_ptr + n[:, None] * san + (head * sah + dim)[None, :], mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + n[:, None] * sbn + (head * sbh + dim)[None, :], mask=mask, other=0.0).to(tl.float32)
+    c = tl.load(c_ptr + n[:, None] * scn + (head * sch + dim)[None, :], mask=mask, other=0.0).to(tl.float32)
+    acc = (a * g0[:, None]).to(dtype).to(tl.float32)                  # torch.mul
+    acc = (acc + b * g1[:, None]).to(dtype).to(tl.float32)            # addcmul_
+    acc = (acc + c * g2[:, None]).to(dtype)                           # addcmul_
+    tl.store(out_ptr + n[:, None] * son + (head * soh + dim)[None, :], acc, mask=mask)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -301,4 +333,46 @@ def multi_head_rms_norm(x: Tensor, gamma: Tensor, factor: float, eps: float = 1e
     _rms_norm_kernel[(triton.cdiv(rows, block_r),)](
         x4, gamma, out, rows, heads, tokens, width, x4.stride(0), x4.stride(1), x4.stride(2),
         float(factor), float(eps), BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps)
+    return out
+
+
+def gated_branch_sum(compressed: Tensor, selected: Tensor, windowed: Tensor, gate_logits: Tensor, *,
+                     out: Optional[Tensor] = None, block_tokens: Optional[int] = None) -> Tensor:
+    """The gated sum of the three SSA branches, as ``engine.attention.ssa`` computes it per element::
+
+        g = sigmoid(gate_logits[:, :3])            # rounded to the branches' dtype
+        out = compressed * g0;  out += selected * g1;  out += windowed * g2   (each step rounded)
+
+    Branches ``[N, H, D]`` with any token and head strides (e.g. the per-element head slices of the
+    side-by-side kernel outputs) and unit stride along D; gate_logits ``[N, >= 3]`` (unit column
+    stride, e.g. a slice of the fused projection); ``out`` ``[N, H, D]`` (default: new, contiguous).
+    One pass: three reads and one write, instead of the eight of a multiply and two ``addcmul_``.
+    """
+    tokens, heads, width = compressed.shape
+    for t in (selected, windowed):
+        if t.shape != compressed.shape or t.dtype != compressed.dtype or t.device != compressed.device:
+            raise ValueError("the three branches must share shape, dtype and device")
+    if gate_logits.dim() != 2 or gate_logits.shape[0] != tokens or gate_logits.shape[1] < 3:
+        raise ValueError(f"gate_logits must be [N, >=3], got {tuple(gate_logits.shape)}")
+    if out is None:
+        out = torch.empty(compressed.shape, dtype=compressed.dtype, device=compressed.device)
+    elif out.shape != compressed.shape or out.dtype != compressed.dtype:
+        raise ValueError("out must match the branches' shape and dtype")
+    if compressed.numel() == 0:
+        return out
+    branches = [t if t.stride(-1) == 1 or width == 1 else t.contiguous() for t in (compressed, selected, windowed)]
+    if gate_logits.stride(-1) != 1:
+        gate_logits = gate_logits.contiguous()
+    if out.stride(-1) != 1 and width > 1:
+        raise ValueError("out needs unit stride along D")
+    block_c = triton.next_power_of_2(heads * width)
+    if block_tokens is None:
+        elements = _INTERPRETER_TILE_ELEMENTS if _interpreted() else ROW_TILE_ELEMENTS
+        block_tokens = max(1, min(MAX_BLOCK_ROWS, elements // block_c))
+    warps = max(1, min(8, block_tokens * block_c // 512))
+    a, b, c = branches
+    _gated_sum_kernel[(triton.cdiv(tokens, block_tokens),)](
+        a, b, c, gate_logits, out, tokens, heads * width,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), gate_logits.stride(0),
+        out.stride(0), out.stride(1), HEAD_DIM=width, BLOCK_N=block_tokens, BLOCK_C=block_c, num_warps=warps)
     return out

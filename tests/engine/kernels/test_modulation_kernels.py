@@ -246,6 +246,39 @@ def test_multi_head_rms_norm_matches_the_module(dtype, batch):
     assert torch.equal(mk.multi_head_rms_norm(zero, norm.gamma, norm.scale), zero)
 
 
+# ------------------------------------------------------------------------------------ SSA gated sum
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads, width", [(4, 8), (3, 12)])
+def test_gated_branch_sum_matches_the_ssa_formula(dtype, heads, width):
+    gen = torch.Generator().manual_seed(10)
+    tokens = 37
+    # the SSA layout: compressed/selected outputs of two elements side by side ([N, 2H, D], one
+    # element's head slice), the window output [N, H, D], gate logits a column slice of a projection
+    side = _tokens((tokens, 2 * heads, width), dtype, gen, spread=1.0)
+    selected_side = _tokens((tokens, 2 * heads, width), dtype, gen, spread=1.0)
+    windowed = _tokens((tokens, heads, width), dtype, gen, spread=1.0)
+    projected = _tokens((tokens, 16), dtype, gen, spread=2.0)
+    compressed, selected = side[:, heads:], selected_side[:, :heads]
+    logits = projected[:, 11:14]
+    gates = torch.sigmoid(logits).unsqueeze(-1).unsqueeze(-1)          # as SpatialSparseAttention
+    expected = torch.empty_like(windowed)
+    torch.mul(compressed, gates[:, 0], out=expected)
+    expected.addcmul_(selected, gates[:, 1])
+    expected.addcmul_(windowed, gates[:, 2])
+    buffer = torch.zeros(tokens + 3, heads, width, dtype=dtype, device=DEVICE)
+    out = mk.gated_branch_sum(compressed, selected, windowed, logits, out=buffer[2:2 + tokens], block_tokens=8)
+    assert out.data_ptr() == buffer[2:].data_ptr()
+    assert not buffer[:2].any() and not buffer[-1].any()
+    _ulp_close(out, expected, ulps=2)
+    _mostly_equal(out, expected)
+    fresh = mk.gated_branch_sum(compressed, selected, windowed, logits)
+    assert fresh.is_contiguous() and torch.equal(fresh, out)
+    with pytest.raises(ValueError):
+        mk.gated_branch_sum(compressed, selected, windowed[:-1], logits)
+    with pytest.raises(ValueError):
+        mk.gated_branch_sum(compressed, selected, windowed, logits[:, :2])
+
+
 # ------------------------------------------------------------------------------------ the block
 def _tiny_block(dtype, channels=40, heads=4, qk_rms_norm=True):
     torch.manual_seed(7)
@@ -379,7 +412,7 @@ from triton.compiler import ASTSource
 from engine.kernels import modulation
 
 
-def build(fn, types, constants, aligned, warps):
+def build(fn, types, constants, aligned, warps, scalar_loads=0):
     names = fn.arg_names
     signature = {name: "constexpr" if name in constants else types.get(name, "i32") for name in names}
     # the launcher's specialisation on a GPU: 16-byte aligned pointers, strides and widths divisible by 16
@@ -388,7 +421,9 @@ def build(fn, types, constants, aligned, warps):
                             target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     ptx = kernel.asm["ptx"]
     accesses = re.findall(r"\b(?:ld|st)\.global[\w.:]*", ptx)
-    vector = bool(accesses) and all(access.endswith(".v4.b32") for access in accesses)
+    narrow = [access for access in accesses if not access.endswith(".v4.b32")]
+    # scalar_loads: per-token scalars (the SSA gate logits), read once per row
+    vector = len(narrow) < len(accesses) and all(a.startswith("ld.") for a in narrow) and len(narrow) <= scalar_loads
     print(fn.__name__, "vector" if vector else "scalar", "compiled")
 
 
@@ -404,6 +439,10 @@ for flags in [dict(RESIDUAL=False, GATED=False, NORM=True, AFFINE=False, MODULAT
               dict(RESIDUAL=True, GATED=True, NORM=False, AFFINE=False, MODULATE=False)]:
     build(modulation._row_kernel, types, dict(flags, BLOCK_R=rows, BLOCK_C=width), aligned, warps)
 rows, width, warps = modulation._tile_rows(64, None)
+build(modulation._gated_sum_kernel, dict(a_ptr=half, b_ptr=half, c_ptr=half, logit_ptr=half, out_ptr=half),
+      dict(HEAD_DIM=32, BLOCK_N=4, BLOCK_C=1024),
+      ["a_ptr", "b_ptr", "c_ptr", "logit_ptr", "out_ptr", "width", "san", "sah", "sbn", "sbh", "scn", "sch", "sln",
+       "son", "soh"], 8, scalar_loads=6)
 build(modulation._rms_norm_kernel, dict(x_ptr=half, gamma_ptr="*fp32", out_ptr=half, factor="fp32", eps="fp32"),
       dict(BLOCK_R=rows, BLOCK_D=width), ["x_ptr", "gamma_ptr", "out_ptr", "D", "sxb", "sxl", "sxh"], warps)
 """
@@ -425,4 +464,4 @@ def test_kernels_compile_for_sm90_with_16_byte_accesses():
     if done.returncode != 0 and "ptxas" in done.stderr and "not found" in done.stderr.lower():
         pytest.skip("Triton's ptxas is not available")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("vector compiled") == 5, done.stdout
+    assert done.stdout.count("vector compiled") == 6, done.stdout
