@@ -321,13 +321,85 @@ def test_block_kernel_path_matches_torch_path(dtype, batch):
     assert err <= 4 * eps * expected.float().abs().max().item(), err
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dense_dit_kernel_path_matches_torch_path(dtype):
+    from engine.configs import DenseDiTConfig
+    from engine.models import cast_compute_layers
+    from engine.models.dense_dit import DenseDiT
+
+    config = DenseDiTConfig(resolution=4, in_channels=4, out_channels=4, model_channels=64, cond_channels=32,
+                            num_blocks=2, num_heads=4, num_head_channels=16)
+    torch.manual_seed(0)
+    model = DenseDiT(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if name.endswith(("norm2.weight", "gamma")) else 0.0, 0.2)
+    model = cast_compute_layers(model, dtype).to(DEVICE)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 4, 4, 4, generator=gen).to(dtype).to(DEVICE)
+    cond = torch.randn(2, 5, 32, generator=gen).to(dtype).to(DEVICE)
+    t = torch.tensor([600.0], device=DEVICE)
+    with torch.inference_mode():
+        with block_kernel_backend("torch"):
+            expected = model(x, t, cond)
+        with block_kernel_backend("triton"):
+            calls = []
+            with _count_kernel_calls(calls, rms=True):
+                out = model(x, t, cond)
+    assert calls.count("multi_head_rms_norm") == 4 and calls.count("residual_layer_norm") == 4
+    err = (out.float() - expected.float()).norm() / expected.float().norm()
+    assert err <= 4 * torch.finfo(dtype).eps, err.item()
+
+
+def test_sparse_dit_kernel_path_matches_torch_path():
+    """The tiny v1.1 sparse DiT, cond + uncond batch, with the torch path's SSA selection injected
+    so that a near-tied top-k cannot flip between the two paths."""
+    from engine.configs import SparseDiTConfig
+    from engine.models import cast_compute_layers
+    from engine.models.sparse_dit import SparseDiT
+    from engine.sparse import SparseVoxels
+
+    config = SparseDiTConfig(resolution=32, in_channels=4, out_channels=4, model_channels=64, cond_channels=48,
+                             num_blocks=2, num_heads=4, num_head_channels=16, num_kv_heads=2,
+                             compression_block_size=8, selection_block_size=8, topk=3)
+    torch.manual_seed(2)
+    model = SparseDiT(config, ssa_backend="torch").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    model = cast_compute_layers(model, torch.float16).to(DEVICE)
+    for block in model.blocks:
+        block.self_attn.record_selection = True
+    axis = torch.arange(12)
+    cells = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)
+    cells = cells[((cells.float() - 5.5).norm(dim=-1) - 4.0).abs() < 1.0]
+    key = ((cells // 8) * torch.tensor([4096, 64, 1])).sum(-1) * 512 + ((cells % 8) * torch.tensor([64, 8, 1])).sum(-1)
+    cells = cells[torch.argsort(key)]
+    coords = torch.cat([torch.cat([torch.full((len(cells), 1), b), cells], 1) for b in (0, 1)]).to(torch.int32)
+    gen = torch.Generator().manual_seed(3)
+    x = SparseVoxels(torch.randn(len(coords), 4, generator=gen).half(), coords).to(DEVICE)
+    cond = torch.randn(2, 7, 48, generator=gen).half().to(DEVICE)
+    t = torch.tensor([500.0], device=DEVICE)
+    with torch.no_grad():
+        with block_kernel_backend("torch"):
+            expected = model(x, t, cond).feats
+        selection = [block.self_attn.last_block_topk for block in model.blocks]
+        with block_kernel_backend("triton"):
+            calls = []
+            with _count_kernel_calls(calls):
+                out = model(x, t, cond, block_topk=selection).feats
+    assert len(calls) == 4 * len(model.blocks)
+    err = (out.float() - expected.float()).norm() / expected.float().norm()
+    assert err <= 4 * torch.finfo(torch.float16).eps, err.item()
+
+
 class _count_kernel_calls:
     """Records the names of the engine.kernels.modulation functions the block calls."""
 
     NAMES = ("layer_norm_modulate", "residual_layer_norm", "gated_residual", "layer_norm", "multi_head_rms_norm")
 
-    def __init__(self, calls):
-        self.calls, self.saved = calls, {}
+    def __init__(self, calls, rms=False):
+        self.calls, self.saved, self.rms = calls, {}, rms
 
     def __enter__(self):
         for name in self.NAMES:
@@ -335,7 +407,7 @@ class _count_kernel_calls:
             self.saved[name] = original
 
             def wrapper(*args, _name=name, _original=original, **kwargs):
-                if _name != "multi_head_rms_norm":
+                if self.rms or _name != "multi_head_rms_norm":
                     self.calls.append(_name)
                 return _original(*args, **kwargs)
 
