@@ -103,8 +103,11 @@ def _modulation_kernels(x: torch.Tensor, *operands: torch.Tensor, parameters=())
 
 
 def _run_kernel(kernel: Callable, fallback: Callable):
-    """``kernel()``; under "auto" a failure is reported once and gives ``fallback()`` (PyTorch)."""
+    """``kernel()``; under "auto" a failure is reported once and gives ``fallback()`` (PyTorch), also
+    for the remaining steps of a forward that had already chosen the kernels."""
     global _modulation_failure
+    if _modulation_failure is not None and _block_kernel_backend != "triton":
+        return fallback()
     try:
         return kernel()
     except Exception as error:

@@ -316,7 +316,7 @@ def test_block_kernel_path_matches_torch_path(dtype, batch):
     assert out.dtype == dtype and out.shape == x.shape
     # the same roundings step by step; differences come from fp32 summation order in the statistics
     # and attention inputs that differ in a rare last bit (one rounding step, relative to the output)
-    eps = torch.finfo(dtype).eps if dtype != torch.float32 else 1e-6
+    eps = torch.finfo(dtype).eps if dtype != torch.float32 else 4e-6
     err = (out.float() - expected.float()).abs().max().item()
     assert err <= 4 * eps * expected.float().abs().max().item(), err
 
@@ -469,8 +469,9 @@ def test_auto_backend_falls_back_to_torch_when_triton_cannot_run(monkeypatch):
     with torch.no_grad(), block_kernel_backend("triton"), pytest.raises(RuntimeError):
         block(x, t_emb, context)
     assert blocks._modulation_failure is None
-    with torch.no_grad(), pytest.warns(RuntimeWarning, match="no compiler"):
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="no compiler") as caught:
         out = block(x, t_emb, context)
+    assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1   # reported once
     _ulp_close(out, expected, ulps=4, atol=1e-3)
     assert blocks._modulation_kernels(x) is None          # not tried again in this process
 
