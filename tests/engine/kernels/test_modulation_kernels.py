@@ -167,6 +167,12 @@ def test_residual_then_affine_norm(dtype, batch):
         _ulp_close(residual, stream)
         _ulp_close(normed, expected, ulps=2, atol=1e-4)
         _mostly_equal(normed, expected)
+    # the affine norm followed by a modulation
+    shift, scale, *_ = _modulation(batch, channels, dtype, gen)
+    expected = torch.addcmul(shift, _torch_norm(x, 1e-6, weight, bias), 1 + scale)
+    out = mk.layer_norm_modulate(x, shift, scale, 1e-6, weight=weight, bias=bias, block_rows=8)
+    _ulp_close(out, expected, ulps=2, atol=1e-4)
+    _mostly_equal(out, expected)
     # the affine norm alone
     expected = _torch_norm(x, 1e-5, weight, bias)
     normed = mk.layer_norm(x, 1e-5, weight, bias, block_rows=16)
