@@ -215,8 +215,10 @@ def _launch(x: Tensor, *, y=None, gate=None, residual_out=None, weight=None, bia
     batch, tokens = _batch_geometry(x)
     if (shift is None) != (scale is None):
         raise ValueError("shift and scale come together")
-    if (weight is None) != (bias is None):
-        raise ValueError("weight and bias come together")
+    if weight is not None and bias is None:      # LayerNorm(bias=False)
+        bias = torch.zeros(channels, dtype=torch.float32, device=x.device)
+    elif bias is not None and weight is None:
+        weight = torch.ones(channels, dtype=torch.float32, device=x.device)
     for t in (y, gate, shift, scale):
         if t is not None and (t.dtype != x.dtype or t.device != x.device):
             raise ValueError("the tokens and their operands must share dtype and device")

@@ -178,6 +178,7 @@ def test_residual_then_affine_norm(dtype, batch):
     normed = mk.layer_norm(x, 1e-5, weight, bias, block_rows=16)
     _ulp_close(normed, expected, ulps=2, atol=1e-4)
     _ulp_close(mk.layer_norm(x, 1e-5), _torch_norm(x, 1e-5), ulps=2)
+    _ulp_close(mk.layer_norm(x, 1e-5, weight, None), _torch_norm(x, 1e-5, weight), ulps=2, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
