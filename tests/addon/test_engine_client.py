@@ -139,7 +139,10 @@ def test_worker_that_dies_mid_job_is_detected(fake_engine, tmp_path, image):
 
 def test_worker_that_cannot_start_reports_its_stderr(tmp_path):
     broken = tmp_path / "checkout"
-    (broken / "engine").mkdir(parents=True)  # an 'engine' package without the worker
+    # an engine checkout whose environment lacks a dependency: importing it fails at once (a regular
+    # package on PYTHONPATH, so it shadows an installed engine, editable installs included)
+    (broken / "engine").mkdir(parents=True)
+    (broken / "engine" / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'torch'\")\n")
     config = EngineConfig(python=ENGINE_PYTHON, engine_path=str(broken), device="cpu",
                           log_path=str(tmp_path / "engine.log"))
     client = EngineClient(config)

@@ -110,7 +110,9 @@ def test_v10_sparse_conditions_plain_1024_sequential(image_path):
     assert pipeline.version == "v1.0"
     result = pipeline.generate(image_path, GenerationSettings(resolution=1024, remove_interior=False, seed=2,
                                                               target_faces=500, **FAST))
-    _check_mesh(result.mesh)
+    # quadric decimation places merged vertices at their error-optimal points, which may lie a
+    # fraction of a voxel outside the undecimated mesh
+    _check_mesh(result.mesh, limit=1.0 + 2 / 1024)
     assert result.stats["faces"] <= 600
     pipeline.release()
     with pytest.raises(RuntimeError, match="released"):
