@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("D3D_SHARED_DIR", REPO.parent / "shared"))
+from helpers.paths import REPO, SHARED  # noqa: E402
 DATA = Path(__file__).resolve().parent / "data"
 
 # One thread: small convolutions get far slower with more threads on the 2-core CI machine.

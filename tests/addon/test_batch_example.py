@@ -10,8 +10,9 @@ import subprocess
 import pytest
 from addon_fixtures import addon_zip, bpy_python, engine  # noqa: F401 - pytest fixtures
 from engine_setup import ENGINE_PYTHON, REPO
+from helpers.paths import SHARED
 
-IMAGES = REPO.parent / "shared" / "images"
+IMAGES = SHARED / "images"
 
 
 def test_batch_over_a_folder(bpy_python, addon_zip, engine, tmp_path):

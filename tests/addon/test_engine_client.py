@@ -22,8 +22,9 @@ from engine_client import (  # noqa: E402
     run_job,
 )
 from engine_setup import ENGINE_PYTHON, REPO, prepare_engine  # noqa: E402
+from helpers.paths import SHARED
 
-IMAGE = REPO.parent / "shared" / "images" / "1.png"
+IMAGE = SHARED / "images" / "1.png"
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import zipfile
 from addon_fixtures import addon_zip, bpy_python  # noqa: F401 - pytest fixtures
 from bpy_harness import run_scenario
 from engine_setup import REPO
+from helpers.paths import SHARED
 
 OPERATORS = ("generate", "cancel_generation", "import_last_result", "restart_engine", "check_engine")
 
@@ -58,7 +59,7 @@ def test_up_axis_rotations_are_proper_and_point_up(bpy_python, addon_zip, tmp_pa
 
 
 def test_panels_and_preferences_draw_existing_properties_and_operators(bpy_python, addon_zip, tmp_path):
-    image = REPO.parent / "shared" / "images" / "0.png"
+    image = SHARED / "images" / "0.png"
     facts = run_scenario(bpy_python, "draw", {"zip": str(addon_zip), "image": str(image)}, tmp_path / "home")
     drawn = facts["drawn"]
     assert "op:d3d.generate" in drawn["idle_file"] and "prop:image_path" in drawn["idle_file"]

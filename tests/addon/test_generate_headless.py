@@ -9,8 +9,9 @@ import pytest
 from addon_fixtures import addon_zip, bpy_python, engine  # noqa: F401 - pytest fixtures
 from bpy_harness import run_scenario
 from engine_setup import ENGINE_PYTHON, REPO
+from helpers.paths import SHARED
 
-IMAGE = REPO.parent / "shared" / "images" / "0.png"
+IMAGE = SHARED / "images" / "0.png"
 TOLERANCE = 1e-3
 
 

@@ -10,8 +10,9 @@ import pytest
 from addon_fixtures import addon_zip, bpy_python  # noqa: F401 - pytest fixtures
 from bpy_harness import run_scenario
 from engine_setup import ENGINE_PYTHON, REPO
+from helpers.paths import SHARED
 
-IMAGE = REPO.parent / "shared" / "images" / "4.png"
+IMAGE = SHARED / "images" / "4.png"
 
 
 @pytest.fixture(scope="module")

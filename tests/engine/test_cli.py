@@ -11,9 +11,10 @@ import trimesh
 from PIL import Image
 
 from helpers.tiny_weights import cached_tiny_weights
+from helpers.paths import SHARED
 
 REPO = Path(__file__).resolve().parents[2]
-IMAGES = REPO.parent / "shared" / "images"
+IMAGES = SHARED / "images"
 
 
 def run_cli(*args, timeout=300):

@@ -8,8 +8,9 @@ from PIL import Image
 
 from engine.image import (IMAGE_SIZE, MAX_IMAGE_SIDE, ImageError, crop_to_foreground, load_image,
                           preprocess_image, to_rgba_array)
+from helpers.paths import SHARED
 
-SHARED_IMAGES = Path(__file__).resolve().parents[2].parent / "shared" / "images"
+SHARED_IMAGES = SHARED / "images"
 
 
 def _disc_rgba(width=120, height=80, radius=20, centre=(60, 40), colour=(200, 30, 40)):

@@ -11,8 +11,9 @@ from helpers.tiny_weights import cached_tiny_weights
 from engine.image import ImageError, preprocess_image
 from engine.mesh import export_mesh
 from engine.pipeline import (Direct3DS2Pipeline, GenerationCancelled, GenerationSettings, Progress)
+from helpers.paths import SHARED
 
-IMAGES = Path(__file__).resolve().parents[2].parent / "shared" / "images"
+IMAGES = SHARED / "images"
 FAST = dict(dense_steps=2, sparse_512_steps=2, sparse_1024_steps=2)
 
 

@@ -21,8 +21,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "addon"))
 from engine_setup import ENGINE_PYTHON, REPO, prepare_engine, real_pipeline_available  # noqa: E402
+from helpers.paths import SHARED
 
-IMAGE = REPO.parent / "shared" / "images" / "0.png"
+IMAGE = SHARED / "images" / "0.png"
 
 
 @pytest.fixture(scope="module")
