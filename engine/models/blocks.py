@@ -1,14 +1,15 @@
 """Building blocks shared by the dense and sparse transformers (architecture notes 3.1)."""
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
-from typing import Callable, Iterator, Optional
+from typing import Callable, ContextManager, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from engine.kernels import BackendChoice
 
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -44,8 +45,7 @@ def half_layer_norm(x: torch.Tensor, shape, weight, bias, eps: float) -> torch.T
 # Fused elementwise kernels of the modulated blocks: Triton on CUDA (engine.kernels.modulation),
 # PyTorch elsewhere and as the test oracle
 # ----------------------------------------------------------------------------------------------------
-_BLOCK_KERNEL_BACKENDS = ("auto", "torch", "triton")
-_block_kernel_backend = "auto"
+_BLOCK_KERNELS = BackendChoice("block kernel backend", ("auto", "torch", "triton"), "auto")
 # Set when a kernel could not run under "auto" (no compiler, unsupported GPU): from then on the
 # process uses the PyTorch path, after one warning.
 _modulation_failure: Optional[str] = None
@@ -59,21 +59,12 @@ def set_block_kernel_backend(name: str) -> str:
     PyTorch otherwise; ``"torch"``: always PyTorch; ``"triton"``: always Triton (any float dtype; on
     CPU only through ``TRITON_INTERPRET=1``). Under autograd the PyTorch path runs regardless.
     """
-    global _block_kernel_backend
-    if name not in _BLOCK_KERNEL_BACKENDS:
-        raise ValueError(f"unknown block kernel backend {name!r}; expected one of {_BLOCK_KERNEL_BACKENDS}")
-    previous, _block_kernel_backend = _block_kernel_backend, name
-    return previous
+    return _BLOCK_KERNELS.set(name)
 
 
-@contextlib.contextmanager
-def block_kernel_backend(name: str) -> Iterator[None]:
+def block_kernel_backend(name: str) -> ContextManager[None]:
     """Context manager form of :func:`set_block_kernel_backend`."""
-    previous = set_block_kernel_backend(name)
-    try:
-        yield
-    finally:
-        set_block_kernel_backend(previous)
+    return _BLOCK_KERNELS.use(name)
 
 
 def _auto_uses_kernels(x: torch.Tensor) -> bool:
@@ -86,7 +77,7 @@ def _modulation_kernels(x: torch.Tensor, *operands: torch.Tensor, parameters=())
     ``operands`` must share x's dtype and device (shift/scale/gate rows); ``parameters`` (norm
     weights, any float dtype) its device. With autograd recording, PyTorch.
     """
-    if _block_kernel_backend == "torch" or (_block_kernel_backend == "auto" and not _auto_uses_kernels(x)):
+    if _BLOCK_KERNELS.value == "torch" or (_BLOCK_KERNELS.value == "auto" and not _auto_uses_kernels(x)):
         return None
     if not x.is_floating_point() or any(t.dtype != x.dtype or t.device != x.device for t in operands) \
             or any(p.device != x.device for p in parameters):
@@ -96,7 +87,7 @@ def _modulation_kernels(x: torch.Tensor, *operands: torch.Tensor, parameters=())
     try:  # imported here: tests reload the module under Triton's interpreter
         import engine.kernels.modulation as kernels
     except ImportError:
-        if _block_kernel_backend == "triton":
+        if _BLOCK_KERNELS.value == "triton":
             raise
         return None
     return kernels
@@ -106,12 +97,12 @@ def _run_kernel(kernel: Callable, fallback: Callable):
     """``kernel()``; under "auto" a failure is reported once and gives ``fallback()`` (PyTorch), also
     for the remaining steps of a forward that had already chosen the kernels."""
     global _modulation_failure
-    if _modulation_failure is not None and _block_kernel_backend != "triton":
+    if _modulation_failure is not None and _BLOCK_KERNELS.value != "triton":
         return fallback()
     try:
         return kernel()
     except Exception as error:
-        if _block_kernel_backend == "triton":
+        if _BLOCK_KERNELS.value == "triton":
             raise
         _modulation_failure = f"{type(error).__name__}: {error}"
         warnings.warn(f"DiT block Triton kernels unavailable ({_modulation_failure}); using the PyTorch path",

@@ -28,13 +28,14 @@ import itertools
 import time
 import warnings
 from types import SimpleNamespace
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, ContextManager, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.configs import RefinerConfig
+from engine.kernels import BackendChoice
 
 # Upper bound on the number of elements converted to fp32 at once by the group norm (64 MiB of fp32).
 _NORM_CHUNK_ELEMENTS = 1 << 24
@@ -50,8 +51,7 @@ def _memory_format_of(x: Tensor) -> torch.memory_format:
 # ----------------------------------------------------------------------------------------------------
 # Kernel backend: Triton on CUDA (engine.kernels), PyTorch elsewhere and as the test oracle
 # ----------------------------------------------------------------------------------------------------
-_KERNEL_BACKENDS = ("auto", "torch", "triton")
-_kernel_backend = "auto"
+_REFINER_KERNELS = BackendChoice("refiner kernel backend", ("auto", "torch", "triton"), "auto")
 
 
 def set_kernel_backend(name: str) -> str:
@@ -60,21 +60,12 @@ def set_kernel_backend(name: str) -> str:
     ``"auto"``: the Triton kernels of :mod:`engine.kernels` for CUDA tensors, PyTorch otherwise;
     ``"torch"``: always PyTorch; ``"triton"``: always Triton (on CPU only through ``TRITON_INTERPRET=1``).
     """
-    global _kernel_backend
-    if name not in _KERNEL_BACKENDS:
-        raise ValueError(f"unknown refiner kernel backend {name!r}; expected one of {_KERNEL_BACKENDS}")
-    previous, _kernel_backend = _kernel_backend, name
-    return previous
+    return _REFINER_KERNELS.set(name)
 
 
-@contextlib.contextmanager
-def kernel_backend(name: str) -> Iterator[None]:
+def kernel_backend(name: str) -> ContextManager[None]:
     """Context manager form of :func:`set_kernel_backend`."""
-    previous = set_kernel_backend(name)
-    try:
-        yield
-    finally:
-        set_kernel_backend(previous)
+    return _REFINER_KERNELS.use(name)
 
 
 # Set when a Triton kernel could not run under "auto" (no compiler, unsupported GPU): from then on
@@ -88,13 +79,13 @@ def _auto_uses_triton(x: Tensor) -> bool:
 
 def _triton_kernels(x: Tensor) -> Optional[SimpleNamespace]:
     """The Triton kernel modules to use for ``x`` under the current backend, or None for PyTorch."""
-    if _kernel_backend == "torch" or (_kernel_backend == "auto" and not _auto_uses_triton(x)):
+    if _REFINER_KERNELS.value == "torch" or (_REFINER_KERNELS.value == "auto" and not _auto_uses_triton(x)):
         return None
     try:  # imported here: tests reload these modules under Triton's interpreter
         import engine.kernels.adaptive_filter as adaptive
         import engine.kernels.group_norm as norm
     except ImportError:
-        if _kernel_backend == "triton":
+        if _REFINER_KERNELS.value == "triton":
             raise
         return None
     return SimpleNamespace(adaptive=adaptive, norm=norm)
@@ -106,7 +97,7 @@ def _run_triton(fn: Callable[..., Tensor], *args, **kwargs) -> Optional[Tensor]:
     try:
         return fn(*args, **kwargs)
     except Exception as error:
-        if _kernel_backend == "triton":
+        if _REFINER_KERNELS.value == "triton":
             raise
         _triton_failure = f"{type(error).__name__}: {error}"
         warnings.warn(f"refiner Triton kernels unavailable ({_triton_failure}); using the PyTorch path",
@@ -114,8 +105,7 @@ def _run_triton(fn: Callable[..., Tensor], *args, **kwargs) -> Optional[Tensor]:
         return None
 
 
-_CONV_BACKENDS = ("torch", "triton", "tuned")
-_conv_backend = "torch"
+_REFINER_CONVS = BackendChoice("refiner conv backend", ("torch", "triton", "tuned"), "torch")
 # "tuned": per (layer width, input shape, dtype, layout, device) the faster of torch and Triton
 _tuned_conv_choices: dict = {}
 
@@ -129,21 +119,12 @@ def set_conv_backend(name: str) -> str:
     ``"tuned"``: like ``"triton"``, but the first call of each layer shape times both implementations
     and keeps the faster one for the process (as ``cudnn.benchmark`` does for its algorithms).
     """
-    global _conv_backend
-    if name not in _CONV_BACKENDS:
-        raise ValueError(f"unknown refiner conv backend {name!r}; expected one of {_CONV_BACKENDS}")
-    previous, _conv_backend = _conv_backend, name
-    return previous
+    return _REFINER_CONVS.set(name)
 
 
-@contextlib.contextmanager
-def conv_backend(name: str) -> Iterator[None]:
+def conv_backend(name: str) -> ContextManager[None]:
     """Context manager form of :func:`set_conv_backend`."""
-    previous = set_conv_backend(name)
-    try:
-        yield
-    finally:
-        set_conv_backend(previous)
+    return _REFINER_CONVS.use(name)
 
 
 def _seconds_per_call(fn: Callable[[], Tensor], device: torch.device, repeats: int = 3) -> float:
@@ -171,11 +152,11 @@ class Conv3x3x3(nn.Conv3d):
         super().__init__(in_channels, out_channels, 3, padding=1, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        if _conv_backend != "torch" and x.dim() == 5 and x.dtype in (torch.float16, torch.bfloat16) \
+        if _REFINER_CONVS.value != "torch" and x.dim() == 5 and x.dtype in (torch.float16, torch.bfloat16) \
                 and x.dtype == self.weight.dtype:
             import engine.kernels.conv3d as kernel  # imported here: tests reload it under the interpreter
             if self.in_channels <= kernel.MAX_IN_CHANNELS and self.out_channels <= kernel.MAX_OUT_CHANNELS:
-                if _conv_backend == "triton" or self._tuned_choice(x, kernel) == "triton":
+                if _REFINER_CONVS.value == "triton" or self._tuned_choice(x, kernel) == "triton":
                     return kernel.conv3d_3x3x3(x, self.weight, self.bias)
         return super().forward(x)
 

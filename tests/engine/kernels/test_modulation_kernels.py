@@ -451,7 +451,7 @@ def test_dispatch_rules(monkeypatch):
         with torch.no_grad():
             assert blocks._modulation_kernels(x, weight) is not None
     # "auto": CPU tensors and fp32 stay on PyTorch
-    assert blocks._block_kernel_backend == "auto"
+    assert blocks._BLOCK_KERNELS.value == "auto"
     assert blocks._modulation_kernels(x.half()) is None
     with pytest.raises(ValueError):
         blocks.set_block_kernel_backend("cuda")

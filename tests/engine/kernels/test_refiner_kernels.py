@@ -189,7 +189,7 @@ def test_torch_backend_dispatch():
         assert refiners._triton_kernels(x) is not None
     with pytest.raises(ValueError):
         refiners.set_kernel_backend("cuda")
-    assert refiners._kernel_backend == "auto"
+    assert refiners._REFINER_KERNELS.value == "auto"
 
 
 def test_auto_backend_falls_back_to_torch_when_triton_cannot_run(monkeypatch):
