@@ -34,7 +34,7 @@ def build_scene(size: int):
     subdivision.levels = subdivision.render_levels = 2
     monkey.data.shade_smooth()
     # Turn it a little so the image shows depth, as a product shot would.
-    monkey.rotation_euler = (0.0, 0.0, math.radians(-25.0))
+    monkey.rotation_euler = (0.0, 0.0, math.radians(-8.0))
 
     material = bpy.data.materials.new("Clay")
     material.diffuse_color = (0.8, 0.45, 0.25, 1.0)
