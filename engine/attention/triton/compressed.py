@@ -20,6 +20,21 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
+def online_softmax_tile(q, k, v, valid, m_i, l_i, acc, scale_log2):
+    """One key tile of flash-style attention: raw logits q.k^T, masked to -inf where not ``valid``;
+    running max ``m_i`` (raw-logit units), normaliser ``l_i`` and fp32 accumulator ``acc`` updated.
+    The softmax scale (log2 units) is folded into one FMA per element. ``m_i`` must start finite
+    (e.g. -1e30): a row with no valid key yet then gets p = exp2(-inf) = 0 and alpha = 1."""
+    s = tl.where(valid, tl.dot(q, tl.trans(k)), float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2((m_i - m_new) * scale_log2)
+    p = tl.exp2(s * scale_log2 - (m_new * scale_log2)[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _compressed_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
                     n_tokens, n_comp,
                     sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_n, so_h,
@@ -44,17 +59,10 @@ def _compressed_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
         col_ok = cols < n_comp
         k = tl.load(k_ptr + cols[:, None] * sk_n + kv_head * sk_h + dims[None, :],
                     mask=col_ok[:, None], other=0.0)
-        s = tl.where(col_ok[None, :], tl.dot(q, tl.trans(k)), float("-inf"))      # raw logits
-        # the first tile always holds a valid key, so m_new is finite from then on; the scale
-        # (in log2 units) is folded into one FMA per element
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2((m_i - m_new) * scale_log2)
-        p = tl.exp2(s * scale_log2 - (m_new * scale_log2)[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptr + cols[:, None] * sv_n + kv_head * sv_h + dims[None, :],
                     mask=col_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        # the first tile always holds a valid key, so m_i is finite from then on
+        m_i, l_i, acc = online_softmax_tile(q, k, v, col_ok[None, :], m_i, l_i, acc, scale_log2)
     out = acc / l_i[:, None]
     tl.store(o_ptr + tok[:, None] * so_n + head[:, None] * so_h + dims[None, :],
              out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])

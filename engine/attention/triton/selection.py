@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .compressed import LOG2E, _last_dim_contiguous
+from .compressed import LOG2E, _last_dim_contiguous, online_softmax_tile
 
 
 @triton.jit
@@ -32,18 +32,10 @@ def _attend_block(q, k_ptr, v_ptr, sel, block, start, end, kv_head, m_i, l_i, ac
         col_ok = cols < end
         k = tl.load(k_ptr + cols[:, None] * sk_n + kv_head * sk_h + dims[None, :],
                     mask=col_ok[:, None], other=0.0)
-        # raw logits; masked ones -inf. m_i starts finite (-1e30), so m_new stays finite and a row
-        # with no valid key yet gets p = exp2(-inf) = 0 and alpha = 1; the scale is folded into
-        # one FMA per element
-        s = tl.where(in_block[:, None] & col_ok[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2((m_i - m_new) * scale_log2)
-        p = tl.exp2(s * scale_log2 - (m_new * scale_log2)[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptr + cols[:, None] * sv_n + kv_head * sv_h + dims[None, :],
                     mask=col_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_tile(q, k, v, in_block[:, None] & col_ok[None, :],
+                                            m_i, l_i, acc, scale_log2)
     return m_i, l_i, acc
 
 

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .compressed import LOG2E, _last_dim_contiguous
+from .compressed import LOG2E, _last_dim_contiguous, online_softmax_tile
 
 
 @triton.jit
@@ -53,16 +53,10 @@ def _window_fwd(q_ptr, k_ptr, v_ptr, o_ptr, order_ptr, win_ptr, cu_ptr,
             krow = tl.load(order_ptr + cols, mask=col_ok, other=0)
             k = tl.load(k_ptr + krow[:, None] * sk_n + kv_head * sk_h + dims[None, :],
                         mask=col_ok[:, None], other=0.0)
-            # raw logits, masked ones -inf; m_i starts finite, so p = 0 there (as in selection.py)
-            s = tl.where(in_win[:, None] & col_ok[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2((m_i - m_new) * scale_log2)
-            p = tl.exp2(s * scale_log2 - (m_new * scale_log2)[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
             v = tl.load(v_ptr + krow[:, None] * sv_n + kv_head * sv_h + dims[None, :],
                         mask=col_ok[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = online_softmax_tile(q, k, v, in_win[:, None] & col_ok[None, :],
+                                                m_i, l_i, acc, scale_log2)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(o_ptr + tok[:, None] * so_n + head[:, None] * so_h + dims[None, :],
              out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
