@@ -12,8 +12,8 @@ flag that the pipeline polls between sampler steps (its ``should_cancel`` callba
 
 Test seam: the environment variable ``D3D_WORKER_PIPELINE=module:factory`` replaces
 ``Direct3DS2Pipeline.from_pretrained`` by ``factory(weights_dir, device=, dtype=,
-memory_mode=)``; ``module`` may also be the path of a ``.py`` file. The module may also define ``GenerationSettings`` and
-``GenerationCancelled``; otherwise those come from ``engine.pipeline``.
+memory_mode=)``; ``module`` may also be the path of a ``.py`` file. Settings and the cancel
+exception are always ``engine.pipeline``'s.
 """
 
 from __future__ import annotations
@@ -132,19 +132,11 @@ def load_pipeline_api() -> PipelineApi:
         else:
             module = importlib.import_module(module_name)
         factory = getattr(module, factory_name)
-        settings_class = getattr(module, "GenerationSettings", None)
-        cancelled_error = getattr(module, "GenerationCancelled", None)
-        if settings_class is None or cancelled_error is None:
-            from engine import pipeline as real
-
-            settings_class = settings_class or real.GenerationSettings
-            cancelled_error = cancelled_error or real.GenerationCancelled
-        return PipelineApi(factory, settings_class, cancelled_error)
-
     from engine import pipeline as real
 
     return PipelineApi(
-        real.Direct3DS2Pipeline.from_pretrained, real.GenerationSettings, real.GenerationCancelled
+        factory if seam else real.Direct3DS2Pipeline.from_pretrained,
+        real.GenerationSettings, real.GenerationCancelled,
     )
 
 

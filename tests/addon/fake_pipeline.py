@@ -9,46 +9,10 @@ tests also run against the real tiny pipeline.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 
-
-class GenerationCancelled(Exception):
-    pass
-
-
-@dataclasses.dataclass
-class GenerationSettings:
-    # Same fields and defaults as engine.pipeline.GenerationSettings (team contract).
-    resolution: int = 1024
-    seed: int = 0
-    dense_steps: int = 50
-    dense_guidance: float = 7.0
-    sparse_512_steps: int = 30
-    sparse_512_guidance: float = 7.0
-    sparse_1024_steps: int = 15
-    sparse_1024_guidance: float = 7.0
-    remove_interior: bool = True
-    target_faces: int | None = None
-    keep_largest_components: int | None = None
-    min_component_faces: int = 0
-    smooth_iterations: int = 0
-
-
-@dataclasses.dataclass
-class Progress:
-    stage: str
-    step: int
-    total: int
-    elapsed_s: float
-    eta_s: float | None
-
-
-@dataclasses.dataclass
-class Result:
-    mesh: object
-    stats: dict
+from engine.pipeline import GenerationCancelled, GenerationResult, Progress
 
 
 class FakePipeline:
@@ -83,7 +47,7 @@ class FakePipeline:
         if settings.target_faces is not None and len(mesh.faces) > settings.target_faces:
             mesh = trimesh.Trimesh(mesh.vertices, mesh.faces[: settings.target_faces], process=False)
             mesh.remove_unreferenced_vertices()
-        return Result(mesh, {"faces": int(len(mesh.faces)), "seed": settings.seed})
+        return GenerationResult(mesh, {"faces": int(len(mesh.faces)), "seed": settings.seed})
 
     def release(self):
         self.released = True
