@@ -300,8 +300,9 @@ class Direct3DS2Pipeline:
             # one CUDA-graph runner per batch size (eager on CPU or with pipeline.use_cuda_graphs = False)
             from engine.sampling import CUDAGraphRunner
             use_graphs = getattr(self, "use_cuda_graphs", True)
-            runners = {b: CUDAGraphRunner(lambda x, t, c=c: dit(x, t, c), enabled=use_graphs)
-                       for b, c in ((1, context), (2, guided_context))}
+            # the unconditional context is all zeros: its cross-attention output is exact without attending
+            runners = {b: CUDAGraphRunner(lambda x, t, c=c, u=u: dit(x, t, c, uniform_context=u), enabled=use_graphs)
+                       for b, c, u in ((1, context, None), (2, guided_context, (False, True)))}
 
             def velocity(x, t):  # x [b, 1, C, R, R, R]
                 batch = x.shape[0]

@@ -11,12 +11,15 @@ can run cond and uncond in one B=2 call; a timestep of shape [1] is shared by th
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from engine.configs import DenseDiTConfig
-from engine.models.blocks import ModulatedCrossBlock, MultiHeadAttention, TimestepEmbedder, absolute_position_embedding
+from engine.models.blocks import (ContextCrossAttention, ModulatedCrossBlock, MultiHeadAttention, TimestepEmbedder,
+                                  absolute_position_embedding)
 
 FINAL_NORM_EPS = 1e-5
 
@@ -44,10 +47,8 @@ class DenseDiT(nn.Module):
             ModulatedCrossBlock(
                 width,
                 self_attn=MultiHeadAttention(width, config.heads, attn_type="self", qk_rms_norm=config.qk_rms_norm),
-                cross_attn=MultiHeadAttention(
-                    width, config.heads, ctx_channels=config.cond_channels, attn_type="cross",
-                    qk_rms_norm=config.qk_rms_norm_cross,
-                ),
+                cross_attn=ContextCrossAttention(width, config.heads, config.cond_channels,
+                                                 qk_rms_norm=config.qk_rms_norm_cross),
                 mlp_ratio=config.mlp_ratio,
                 share_mod=config.share_mod,
             )
@@ -62,8 +63,13 @@ class DenseDiT(nn.Module):
         """dtype of the token stream: that of the linear layers (fp16 after `build(dtype=float16)`)."""
         return self.input_layer.weight.dtype
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x [B, C_in, R, R, R], t [B] or [1] (timesteps in [0, 1000]), cond [B, L, C_cond] -> [B, C_out, R, R, R]."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                uniform_context: Sequence[bool] | None = None) -> torch.Tensor:
+        """x [B, C_in, R, R, R], t [B] or [1] (timesteps in [0, 1000]), cond [B, L, C_cond] -> [B, C_out, R, R, R].
+
+        uniform_context: optional caller's promise, per batch element, that all its context tokens are
+        the same vector (the zero context of unconditional guidance, e.g. `(False, True)`); those
+        elements skip the cross-attention itself (`ContextCrossAttention`), with the same result."""
         batch, _, rx, ry, rz = x.shape
         if (rx, ry, rz) != (self.resolution,) * 3:
             raise ValueError(f"DenseDiT expects a {self.resolution}^3 grid, got {tuple(x.shape[2:])}")
@@ -80,6 +86,10 @@ class DenseDiT(nn.Module):
         if self.config.share_mod:
             t_emb = self.adaLN_modulation(t_emb)
         context = cond.to(dtype)
+        if uniform_context is not None:
+            if len(uniform_context) != batch:
+                raise ValueError(f"{len(uniform_context)} uniform_context flags for {batch} batch elements")
+            context = (context, None, tuple(bool(flag) for flag in uniform_context))
         for block in self.blocks:
             h = block(h, t_emb, context)
 

@@ -24,60 +24,12 @@ from torch import Tensor, nn
 
 from engine.attention.ssa import SpatialSparseAttention, pack_rows, row_packing, unpack_rows
 from engine.configs import SparseDiTConfig
-from engine.models.blocks import (ModulatedCrossBlock, MultiHeadAttention, TimestepEmbedder,
+from engine.models.blocks import (ContextCrossAttention, ModulatedCrossBlock, TimestepEmbedder,
                                   absolute_position_embedding)
 from engine.sparse import SparseVoxels
 
 # number of non-patch tokens at the start of the DINOv2 output: cls + 4 registers
 NUM_PREFIX_TOKENS = 5
-
-
-class ContextCrossAttention(MultiHeadAttention):
-    """Cross-attention of packed tokens `[B, L, C]` to a context `[B, Lc, C_ctx]`, optionally with a
-    key padding mask `[B, Lc]` (sparse conditions of unequal size per batch element). Keys
-    `to_q`, `to_kv`, `to_out` (with bias), as `MultiHeadAttention(attn_type="cross")`."""
-
-    def __init__(self, channels: int, num_heads: int, ctx_channels: int, qk_rms_norm: bool = False):
-        super().__init__(channels, num_heads, ctx_channels=ctx_channels, attn_type="cross",
-                         qk_rms_norm=qk_rms_norm)
-
-    def forward(self, x: Tensor, context) -> Tensor:  # type: ignore[override]
-        """context: `[B, Lc, C_ctx]`, `(context, key_mask)` or `(context, key_mask, uniform)`.
-
-        uniform: optional per-element flags, True where every context token of that element is the
-        same vector (the zero context of unconditional guidance). There all keys are equal, so the
-        softmax is uniform and the attention output is exactly that token's value vector: the
-        element's output is `to_out(v)` broadcast over its tokens, without the attention itself.
-        """
-        if not isinstance(context, tuple):
-            context = (context,)
-        context, key_mask, uniform = (tuple(context) + (None, None))[:3]
-        if uniform is None or not any(uniform):
-            return self._attend(x, context, key_mask)
-        if len(uniform) != x.shape[0]:
-            raise ValueError(f"{len(uniform)} uniform-context flags for {x.shape[0]} batch elements")
-        out = x.new_empty(*x.shape[:-1], self.channels)
-        start = 0
-        while start < len(uniform):   # runs of consecutive elements with the same flag
-            stop = start + 1
-            while stop < len(uniform) and uniform[stop] == uniform[start]:
-                stop += 1
-            rows = slice(start, stop)
-            if uniform[start]:
-                first_token = context[rows, :1].to(self.to_kv.weight.dtype)
-                value = self.to_kv(first_token).unflatten(-1, (2, self.channels))[..., 1, :]   # [b, 1, C]
-                out[rows] = self.to_out(value)
-            else:
-                out[rows] = self._attend(x[rows], context[rows], None if key_mask is None else key_mask[rows])
-            start = stop
-        return out
-
-    def _attend(self, x: Tensor, context: Tensor, key_mask) -> Tensor:
-        q, k, v = self.project(x, context)
-        mask = None if key_mask is None else key_mask[:, None, None, :]
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=mask)
-        return self.to_out(out.transpose(1, 2).flatten(-2))
 
 
 class SparseDiT(nn.Module):

@@ -92,6 +92,24 @@ def test_batched_cfg_equals_two_single_calls(dtype):
     assert not torch.allclose(single[0], single[1], atol=1e-3)  # the context matters
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_uniform_unconditional_context_matches_attending(dtype):
+    # the pipeline's guided batch [cond, zeros] skips attending to the all-zero context
+    model = build("dense_dit", config=TINY, dtype=dtype)
+    model.load_state_dict(randomized(DenseDiT(TINY)).state_dict())
+    x, cond = tiny_inputs(1)
+    batch_x, batch_cond = torch.cat([x, x]), torch.cat([cond, torch.zeros_like(cond)])
+    t = torch.tensor([300.0])
+    with torch.no_grad():
+        full = model(batch_x, t, batch_cond)
+        short = model(batch_x, t, batch_cond, uniform_context=(False, True))
+    atol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(short, full, atol=atol, rtol=0)
+    assert torch.equal(short[0], full[0])
+    with pytest.raises(ValueError, match="uniform_context"):
+        model(batch_x, t, batch_cond, uniform_context=(False,))
+
+
 def test_conditioning_reaches_output_and_timestep_matters():
     model = randomized(DenseDiT(TINY))
     x, cond = tiny_inputs(1)
