@@ -148,9 +148,9 @@ def test_ssa_kernels_match_reference(cbs, hq, hkv, topk, dtype):
                                  tokens_per_program=TILE)
     assert got.dtype == dtype
     assert close(got, want) if dtype != torch.bfloat16 else close(got, want, rtol=4e-2, atol=1e-2)
-    if cbs == 8 and hq == 32:             # tiles over tokens grouped by equal selections
+    if cbs == 8 and hq == 32:             # other key tiles, columns masked on every tile, 4-token tiles
         got = tk.selection_attention(q, case["k"], case["v"], sel, case["block_offsets"],
-                                     tokens_per_program=TILE, reorder=True, prefetch=True)
+                                     tokens_per_program=4, block_n=64, tail_only=False)
         assert close(got, want)
 
 
@@ -230,14 +230,14 @@ for r in (1, 8):
     compile_sm90(S._select_heads_fwd, S_SIG, dict(G=16, TOKENS=64, D=32, R=r, BLOCK_B=32, W=8, REPLACE=False, SORT=False))
 compile_sm90(S._select_rows_fwd, S_SIG, dict(G=16, TOKENS=4, D=32, R=8, BLOCK_B=8, W=32, REPLACE=True, SORT=False))
 compile_sm90(S._select_rows_fwd, S_SIG, dict(G=16, TOKENS=4, D=32, R=1, BLOCK_B=64, W=8, REPLACE=False, SORT=True))
-SL_SIG = dict(q_ptr=h, k_ptr=h, v_ptr=h, o_ptr=h, sel_ptr="*i32", union_ptr="*i32", offsets_ptr="*i32",
-              perm_ptr="*i32", ustart_ptr="*i32", uend_ptr="*i32", n_tokens=i32, topk=i32, n_tiles=i32, sq_n=i32, sq_h=i32, sk_n=i32, sk_h=i32,
-              sv_n=i32, sv_h=i32, so_n=i32, so_h=i32, ss_h=i32, ss_n=i32, scale_log2=f32,
-              G="constexpr", TOKENS="constexpr", D="constexpr", KP="constexpr", UNION="constexpr",
-              BLOCK_N="constexpr", REORDER="constexpr", PREFETCH="constexpr")
-for extras in (dict(REORDER=False, PREFETCH=False), dict(REORDER=True, PREFETCH=True)):
-    compile_sm90(SL._selection_fwd, SL_SIG, dict(G=16, TOKENS=4, D=32, KP=8, UNION=32, BLOCK_N=32, **extras),
-                 num_stages=2)
+SL_SIG = dict(q_ptr=h, k_ptr=h, v_ptr=h, o_ptr=h, sel_ptr="*i32", offsets_ptr="*i32", tab_ptr="*i32", n_tokens=i32,
+              topk=i32, n_tiles=i32, sq_n=i32, sq_h=i32, sk_n=i32, sk_h=i32, sv_n=i32, sv_h=i32, so_n=i32, so_h=i32,
+              ss_h=i32, ss_n=i32, scale_log2=f32,
+              G="constexpr", TOKENS="constexpr", D="constexpr", U="constexpr", BLOCK_N="constexpr",
+              TAIL_ONLY="constexpr")
+for block_n, tail_only in ((32, True), (64, False)):
+    compile_sm90(SL._selection_fwd, SL_SIG, dict(G=16, TOKENS=4, D=32, U=32, BLOCK_N=block_n, TAIL_ONLY=tail_only),
+                 num_stages=3)
 W_SIG = dict(q_ptr=h, k_ptr=h, v_ptr=h, o_ptr=h, order_ptr="*i32", win_ptr="*i32", cu_ptr="*i32", n_tokens=i32,
              sq_n=i32, sq_h=i32, sk_n=i32, sk_h=i32, sv_n=i32, sv_h=i32, so_n=i32, so_h=i32, scale_log2=f32,
              G="constexpr", TOKENS="constexpr", D="constexpr", BLOCK_N="constexpr")
