@@ -9,8 +9,10 @@ the PyTorch kernels in the contiguous layout (the CPU path) run too, and the tab
 fast path's output is from theirs. Prints one markdown table.
 
     python bench/refiners.py [--version v1.1] [--repeats 2] [--compare] [--only refiner sign] [--profile]
+                             [--rows 12] [--default-only] [--save outputs.pt]
 
 ``--profile`` also prints, per configuration, the GPU kernels of one patch by total time.
+``--save`` keeps the first configuration's outputs (random weights seeded) to compare checkouts.
 """
 from __future__ import annotations
 
@@ -47,7 +49,10 @@ def shell_band(resolution: int, radius: float, half_width: float, device, slab: 
     return torch.cat(points).int(), torch.cat(values)
 
 
-def kernel_profile(title: str, fn, rows: int = 12):
+PROFILE_ROWS = 12
+
+
+def kernel_profile(title: str, fn, rows: int = 0):
     """Print the ``rows`` CUDA kernels of one ``fn()`` call with the most self GPU time."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -60,7 +65,7 @@ def kernel_profile(title: str, fn, rows: int = 12):
     print(f"\n#### {title}: {total:.1f} GPU ms per patch\n")
     print("| self GPU ms | calls | kernel or op |")
     print("| ---: | ---: | --- |")
-    for e in events[:rows]:
+    for e in events[:rows or PROFILE_ROWS]:
         print(f"| {e.self_device_time_total / 1e3:.2f} | {e.count} | {e.key[:100]} |")
 
 
@@ -111,6 +116,7 @@ def bench_refiner512(args, generator, rows, device, dtype):
             rows.append((label, name, math.nan, [math.nan], math.nan, f"failed: {type(error).__name__}: {error}"[:120]))
             continue
         if reference is None:
+            SAVED["refiner"] = volume.cpu()
             reference = volume
             difference = "-"
         else:
@@ -141,6 +147,7 @@ def bench_sign(args, generator, rows, device, dtype):
             rows.append((label, name, math.nan, [math.nan], math.nan, f"failed: {type(error).__name__}: {error}"[:120]))
             continue
         if reference is None:
+            SAVED["sign"] = grid.cpu()
             reference = grid
             difference = "-"
         else:
@@ -156,9 +163,14 @@ def configurations(args):
     configs = [("default: Triton norms + filters, cuDNN convs, channels_last_3d", "auto", "torch", True),
                ("+ Triton narrow 3x3x3 convs (set_conv_backend('triton'))", "auto", "triton", True),
                ("+ per-shape faster of cuDNN / Triton narrow convs ('tuned')", "auto", "tuned", True)]
+    if args.default_only:
+        configs = configs[:1]
     if args.compare:
         configs.append(("PyTorch norms + filters, cuDNN convs, contiguous (before)", "torch", "torch", False))
     return configs
+
+
+SAVED = {}  # the first configuration's outputs, for --save
 
 
 def main(argv=None):
@@ -169,9 +181,18 @@ def main(argv=None):
     parser.add_argument("--only", nargs="*", default=["refiner", "sign"], choices=["refiner", "sign"])
     parser.add_argument("--profile", action="store_true",
                         help="print the top GPU kernels of one patch per configuration")
+    parser.add_argument("--rows", type=int, default=12, help="kernels listed per --profile table")
+    parser.add_argument("--default-only", action="store_true",
+                        help="time only the default configuration (and --compare's)")
+    parser.add_argument("--save", metavar="PATH",
+                        help="torch.save the first configuration's outputs ({'refiner': volume, 'sign': grid}) "
+                             "to compare two checkouts (the random weights come from torch.manual_seed(0))")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench/refiners.py needs a CUDA GPU")
+    global PROFILE_ROWS
+    PROFILE_ROWS = args.rows
+    torch.manual_seed(0)  # the same random weights in every run
     torch.backends.cudnn.benchmark = True
     device, dtype = torch.device("cuda"), torch.float16
     generator = torch.Generator().manual_seed(0)
@@ -181,6 +202,8 @@ def main(argv=None):
         torch.cuda.empty_cache()
     if "sign" in args.only:
         bench_sign(args, generator, rows, device, dtype)
+    if args.save:
+        torch.save(SAVED, args.save)
     print(f"\n{torch.cuda.get_device_name()}, fp16, cudnn.benchmark, release {args.version} shapes, random weights\n")
     print("| stage | configuration | total s | ms / patch (median, min-max) | peak GiB | vs first row |")
     print("| --- | --- | ---: | ---: | ---: | --- |")

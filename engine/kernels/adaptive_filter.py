@@ -1,119 +1,225 @@
-"""Triton kernel of the 512 refiner's adaptive filter (architecture notes 3.6).
+"""Triton kernels of the 512 refiner's adaptive filter (architecture notes 3.6).
 
-One launch is one filter iteration: for every voxel ``v`` and channel ``c``
+One filter iteration computes, for every voxel ``v`` and channel ``c``,
 
     out[b, c, v] = sum_{tap = 9i + 3j + k} x[b, c, v + (i-1, j-1, k-1)] * w[b, tap, v]
 
-with zero padding outside the volume and ``w`` the L1-normalised raw weights. The normalisation is
-done in the kernel from the raw 27 weights of the voxel (no normalised copy in memory), rounded to
-the raw weights' dtype and then to ``x``'s dtype exactly as the PyTorch path
-(``engine.models.refiners.adaptive_filter``) does with its in-place division. Products and the sum
-over the 27 taps are fp32 (tap order 0..26); the result is rounded once to ``x``'s dtype.
+with zero padding outside the volume and ``w`` the L1-normalised raw weights. The iterations need
+the previous iteration's neighbours, so each is one launch (see :func:`adaptive_filter`).
+
+* ``_normalise_taps_kernel`` runs once per filter (not once per iteration): it L1-normalises the 27
+  raw weights of each voxel (fp32 norm summed in tap order 0..26, then the division rounded to the
+  raw weights' dtype and then to ``x``'s dtype, exactly as the PyTorch path
+  ``engine.models.refiners.adaptive_filter`` does with its in-place division) and writes them
+  tap-major ([B, 27, voxels], ``x``'s dtype), so that the iterations read each tap coalesced.
+  ``raw_weights`` is left untouched.
+* ``_filter_step_kernel``: a program takes a TD x TH x TW box of voxels (the neighbours of a box
+  mostly come from cache) and all channels; products and the sum over the 27 taps are fp32 in tap
+  order 0..26, the result is rounded once to ``x``'s dtype. In ``channels_last_3d`` the channels of a
+  voxel are read and written as one vector.
 
 Any 5D layout whose spatial dims flatten (plain contiguous or ``channels_last_3d``) works; the output
-has ``x``'s layout. The iterations need the previous iteration's neighbours, so they are separate
-launches (see :func:`adaptive_filter`).
+has ``x``'s layout.
 """
 from __future__ import annotations
 
 import os
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["adaptive_filter_step", "adaptive_filter"]
+__all__ = ["normalise_taps", "adaptive_filter_step", "adaptive_filter"]
+
+_INT32_LIMIT = 2 ** 31 - 1
+# voxels per program of the filter step (depth, height, width): 512 voxels x 8 channels with 8 warps
+_TILE = (4, 4, 32)
+_INTERPRETER_TILE = (4, 8, 8)
 
 
 @triton.jit
-def _adaptive_filter_step_kernel(x_ptr, w_ptr, out_ptr, D, H, W,
-                                 sxb, sxc, sxd, sxh, sxw,
-                                 swb, swc, swd, swh, sww,
-                                 sob, soc, sod, soh, sow,
-                                 C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr):
+def _normalise_taps_kernel(w_ptr, taps_ptr, V, swb, swc, swv, BLOCK_V: tl.constexpr):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    voxels = D * H * W
-    offs = pid * BLOCK_V + tl.arange(0, BLOCK_V)
-    valid = offs < voxels
-    wi = offs % W
-    rest = offs // W
-    hi = rest % H
-    di = rest // H
-    channels = tl.arange(0, BLOCK_C)
-    channel_ok = channels < C
-
+    voxels = pid * BLOCK_V + tl.arange(0, BLOCK_V)
+    valid = voxels < V
+    w_base = w_ptr + b * swb + voxels.to(tl.int64) * swv
     # L1 norm of the 27 raw weights of each voxel (fp32, as torch.linalg.vector_norm(dtype=float32))
-    w_base = w_ptr + b * swb + di.to(tl.int64) * swd + hi.to(tl.int64) * swh + wi.to(tl.int64) * sww
     norm = tl.zeros([BLOCK_V], dtype=tl.float32)
     for tap in tl.static_range(27):
         norm += tl.abs(tl.load(w_base + tap * swc, mask=valid, other=0.0).to(tl.float32))
     norm = tl.maximum(norm, 1e-12)
-
-    x_base = x_ptr + b * sxb
-    channel_offset = channels[None, :] * sxc
-    acc = tl.zeros([BLOCK_V, BLOCK_C], dtype=tl.float32)
+    taps_base = taps_ptr + b * 27 * V + voxels
     for tap in tl.static_range(27):
-        nd = di + (tap // 9 - 1)
-        nh = hi + ((tap // 3) % 3 - 1)
-        nw = wi + (tap % 3 - 1)
-        inside = valid & (nd >= 0) & (nd < D) & (nh >= 0) & (nh < H) & (nw >= 0) & (nw < W)
-        weight = tl.load(w_base + tap * swc, mask=valid, other=0.0).to(tl.float32)
-        weight = tl.div_rn(weight, norm)
+        weight = tl.div_rn(tl.load(w_base + tap * swc, mask=valid, other=0.0).to(tl.float32), norm)
         # the PyTorch path divides in place (rounding to the raw dtype), then casts to x's dtype
-        weight = weight.to(w_ptr.dtype.element_ty).to(x_ptr.dtype.element_ty).to(tl.float32)
-        offset = nd.to(tl.int64) * sxd + nh.to(tl.int64) * sxh + nw.to(tl.int64) * sxw
-        neighbour = tl.load(x_base + offset[:, None] + channel_offset,
-                            mask=inside[:, None] & channel_ok[None, :], other=0.0)
-        acc += neighbour.to(tl.float32) * weight[:, None]
-
-    out_offset = b * sob + di.to(tl.int64) * sod + hi.to(tl.int64) * soh + wi.to(tl.int64) * sow
-    tl.store(out_ptr + out_offset[:, None] + channels[None, :] * soc, acc.to(out_ptr.dtype.element_ty),
-             mask=valid[:, None] & channel_ok[None, :])
+        weight = weight.to(w_ptr.dtype.element_ty).to(taps_ptr.dtype.element_ty)
+        tl.store(taps_base + tap * V, weight, mask=valid)
 
 
-def adaptive_filter_step(x: Tensor, raw_weights: Tensor, out: Tensor | None = None,
-                         block_voxels: int | None = None) -> Tensor:
-    """One filter iteration: ``x`` [B, C, D, H, W], ``raw_weights`` [B, 27, D, H, W] (not normalised).
+@triton.jit
+def _filter_step_kernel(x_ptr, taps_ptr, out_ptr, D, H, W, tiles_h, tiles_w,
+                        sxb, sxc, sxv, sob, soc, sov,
+                        C: tl.constexpr, BLOCK_C: tl.constexpr, PACKED_X: tl.constexpr, PACKED_OUT: tl.constexpr,
+                        TD: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    tile_w = pid % tiles_w
+    rest = pid // tiles_w
+    tile_h = rest % tiles_h
+    tile_d = rest // tiles_h
+    r = tl.arange(0, TD * TH * TW)
+    wi = tile_w * TW + r % TW
+    hi = tile_h * TH + (r // TW) % TH
+    di = tile_d * TD + r // (TW * TH)
+    valid = (di < D) & (hi < H) & (wi < W)
+    plane = H * W
+    voxel = (di * H + hi) * W + wi  # 32-bit: the host checks that every offset fits
+    # per-axis "has a neighbour below / above"
+    d_lo, d_hi = di > 0, di < D - 1
+    h_lo, h_hi = hi > 0, hi < H - 1
+    w_lo, w_hi = wi > 0, wi < W - 1
 
-    Returns a new tensor (or fills ``out``, which must not alias ``x``) of ``x``'s dtype and layout.
-    """
+    channels = tl.arange(0, BLOCK_C)
+    if PACKED_X:
+        x_channel = channels[None, :]
+    else:
+        x_channel = channels[None, :] * sxc
+    x_base = x_ptr + b * sxb
+    taps_base = taps_ptr + b * 27 * D * plane + voxel
+    acc = tl.zeros([TD * TH * TW, BLOCK_C], dtype=tl.float32)
+    for tap in tl.static_range(27):
+        inside = valid
+        if tap // 9 == 0:
+            inside = inside & d_lo
+        if tap // 9 == 2:
+            inside = inside & d_hi
+        if (tap // 3) % 3 == 0:
+            inside = inside & h_lo
+        if (tap // 3) % 3 == 2:
+            inside = inside & h_hi
+        if tap % 3 == 0:
+            inside = inside & w_lo
+        if tap % 3 == 2:
+            inside = inside & w_hi
+        neighbour = voxel + ((tap // 9 - 1) * plane + ((tap // 3) % 3 - 1) * W + (tap % 3 - 1))
+        weight = tl.load(taps_base + tap * D * plane, mask=valid, other=0.0).to(tl.float32)
+        if PACKED_X:
+            x_offset = neighbour[:, None] * C + x_channel
+        else:
+            x_offset = neighbour[:, None] * sxv + x_channel
+        if BLOCK_C == C:
+            mask = inside[:, None]
+        else:
+            mask = inside[:, None] & (channels < C)[None, :]
+        values = tl.load(x_base + x_offset, mask=mask, other=0.0)
+        acc += values.to(tl.float32) * weight[:, None]
+
+    if PACKED_OUT:
+        out_offset = voxel[:, None] * C + channels[None, :]
+    else:
+        out_offset = voxel[:, None] * sov + channels[None, :] * soc
+    if BLOCK_C == C:
+        out_mask = valid[:, None]
+    else:
+        out_mask = valid[:, None] & (channels < C)[None, :]
+    tl.store(out_ptr + b * sob + out_offset, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+def _voxel_stride(x: Tensor) -> Optional[int]:
+    from engine.kernels.group_norm import voxel_stride
+    return voxel_stride(x)
+
+
+def _check(x: Tensor, raw_weights: Tensor) -> None:
     if x.dim() != 5 or raw_weights.dim() != 5 or raw_weights.shape[1] != 27:
         raise ValueError(f"expected x [B, C, D, H, W] and weights [B, 27, D, H, W], got "
                          f"{tuple(x.shape)} and {tuple(raw_weights.shape)}")
     if raw_weights.shape[0] != x.shape[0] or raw_weights.shape[2:] != x.shape[2:]:
         raise ValueError(f"weights {tuple(raw_weights.shape)} do not match x {tuple(x.shape)}")
+
+
+def normalise_taps(raw_weights: Tensor, dtype: torch.dtype) -> Tensor:
+    """L1-normalised weights, tap-major [B, 27, voxels] in ``dtype`` (see the module notes)."""
+    if raw_weights.dim() != 5 or raw_weights.shape[1] != 27:
+        raise ValueError(f"expected weights [B, 27, D, H, W], got {tuple(raw_weights.shape)}")
+    stride = _voxel_stride(raw_weights)
+    if stride is None:
+        raw_weights = raw_weights.contiguous()
+        stride = 1
+    batch, voxels = raw_weights.shape[0], raw_weights[0, 0].numel()
+    taps = torch.empty(batch, 27, voxels, dtype=dtype, device=raw_weights.device)
+    if taps.numel() == 0:
+        return taps
+    block = 1 << 14 if os.environ.get("TRITON_INTERPRET") == "1" else 512
+    _normalise_taps_kernel[(triton.cdiv(voxels, block), batch)](
+        raw_weights, taps, voxels, raw_weights.stride(0), raw_weights.stride(1), stride,
+        BLOCK_V=block, num_warps=4)
+    return taps
+
+
+def _step(x: Tensor, taps: Tensor, out: Tensor, tile: Optional[Tuple[int, int, int]]) -> Tensor:
+    batch, channels, depth, height, width = x.shape
+    if out.numel() == 0:
+        return out
+    x_stride, out_stride = _voxel_stride(x), _voxel_stride(out)
+    if x_stride is None:
+        x = x.contiguous()
+        x_stride = 1
+    if out_stride is None:
+        raise ValueError("out's spatial dims must flatten to one stride")
+    voxels = depth * height * width
+    # per-batch offsets in 32 bits (a box's masked neighbours reach at most one plane further)
+    extent = (voxels + height * width + width + 1) * max(x_stride, out_stride, 1) + channels * max(
+        x.stride(1), out.stride(1))
+    if extent >= _INT32_LIMIT or 27 * voxels >= _INT32_LIMIT:
+        raise ValueError("volume too large for the 32-bit offsets of the adaptive filter kernel")
+    td, th, tw = tile or (_INTERPRETER_TILE if os.environ.get("TRITON_INTERPRET") == "1" else _TILE)
+    tiles_d, tiles_h, tiles_w = triton.cdiv(depth, td), triton.cdiv(height, th), triton.cdiv(width, tw)
+    packed_x = x_stride == channels and (channels == 1 or x.stride(1) == 1)
+    packed_out = out_stride == channels and (channels == 1 or out.stride(1) == 1)
+    _filter_step_kernel[(tiles_d * tiles_h * tiles_w, batch)](
+        x, taps, out, depth, height, width, tiles_h, tiles_w,
+        x.stride(0), x.stride(1), x_stride, out.stride(0), out.stride(1), out_stride,
+        C=channels, BLOCK_C=triton.next_power_of_2(channels), PACKED_X=packed_x, PACKED_OUT=packed_out,
+        TD=td, TH=th, TW=tw, num_warps=8)
+    return out
+
+
+def adaptive_filter_step(x: Tensor, raw_weights: Tensor, out: Tensor | None = None,
+                         tile: Optional[Tuple[int, int, int]] = None) -> Tensor:
+    """One filter iteration: ``x`` [B, C, D, H, W], ``raw_weights`` [B, 27, D, H, W] (not normalised).
+
+    Returns a new tensor (or fills ``out``, which must not alias ``x``) of ``x``'s dtype and layout.
+    ``tile`` (powers of two) overrides the (depth, height, width) box of a program (tests).
+    """
+    _check(x, raw_weights)
     if out is None:
         out = torch.empty_like(x)
     elif out.shape != x.shape or out.dtype != x.dtype or out.data_ptr() == x.data_ptr():
         raise ValueError("out must be a separate tensor of x's shape and dtype")
-    batch, channels, depth, height, width = x.shape
     if out.numel() == 0:
         return out
-    block_c = triton.next_power_of_2(channels)
-    if block_voxels is None:
-        # 256 voxels x 8 channels with 8 warps: about 80 registers on sm_90, no spills (the 27 unrolled
-        # taps keep many loads in flight). Triton's interpreter (CPU tests) pays per program, not per
-        # element: few large programs there.
-        budget = 1 << 15 if os.environ.get("TRITON_INTERPRET") == "1" else 2048
-        block_voxels = max(32, min(budget // 8, budget // block_c))
-    grid = (triton.cdiv(depth * height * width, block_voxels), batch)
-    _adaptive_filter_step_kernel[grid](x, raw_weights, out, depth, height, width,
-                                       *x.stride(), *raw_weights.stride(), *out.stride(),
-                                       C=channels, BLOCK_C=block_c, BLOCK_V=block_voxels, num_warps=8)
-    return out
+    return _step(x, normalise_taps(raw_weights, x.dtype), out, tile)
 
 
-def adaptive_filter(x: Tensor, raw_weights: Tensor, iterations: int = 3) -> Tensor:
-    """``iterations`` filter passes (one launch each, two ping-pong buffers); ``raw_weights`` untouched."""
+def adaptive_filter(x: Tensor, raw_weights: Tensor, iterations: int = 3,
+                    tile: Optional[Tuple[int, int, int]] = None) -> Tensor:
+    """``iterations`` filter passes (weights normalised once, one launch per pass, two ping-pong
+    buffers); ``raw_weights`` untouched."""
+    _check(x, raw_weights)
     if iterations <= 0:
         return x
-    current = adaptive_filter_step(x, raw_weights)
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    taps = normalise_taps(raw_weights, x.dtype)
+    current = _step(x, taps, torch.empty_like(x), tile)
     if iterations == 1:
         return current
     spare = torch.empty_like(current)
     for _ in range(iterations - 1):
-        adaptive_filter_step(current, raw_weights, out=spare)
+        _step(current, taps, spare, tile)
         current, spare = spare, current
     return current

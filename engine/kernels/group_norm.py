@@ -1,18 +1,28 @@
-"""Triton GroupNorm (+ SiLU) for the refiners' 5D activations, fp32 statistics without fp32 copies.
+"""Triton GroupNorm (+ SiLU) for the refiners' 5D activations, fp32 statistics without fp32 copies,
+and the conv epilogue (bias, residual) that the norms do not absorb.
 
-Three launches per call:
+Three launches per norm:
 
-1. ``_partial_stats``: each program reads a tile of voxels x channels once (any dtype) and writes,
-   per channel, the tile mean and the tile's centred sum of squares (fp32).
-2. ``_finalize``: one program per (batch, group) combines the tiles exactly,
-   ``M2 = sum_t,c M2[t, c] + n_t (mean[t, c] - mean_g)^2``, and writes the per-channel affine
+1. ``_partial_stats``: each program walks ``steps`` consecutive tiles of voxels x channels (any
+   dtype), takes each tile's per-channel mean and centred sum of squares in fp32 and merges them
+   into its running ones (Chan et al.: ``M2 = M2_a + M2_b + delta^2 n_a n_b / n``). Programs cover
+   long voxel ranges, so there are at most about a thousand rows of partial statistics per channel.
+2. ``_finalize``: one program per (batch, group) combines those rows exactly,
+   ``M2 = sum_r,c M2[r, c] + n_r (mean[r, c] - mean_g)^2``, and writes the per-channel affine
    ``scale = gamma * rsqrt(var + eps)``, ``shift = beta - mean_g * scale`` (fp32).
 3. ``_apply``: ``y = x * scale + shift`` in fp32, rounded to the output dtype (as the fp32 norm cast
    back), then optionally SiLU computed in fp32 from that rounded value and rounded again (as
    ``F.silu`` on the low-precision tensor). ``out`` may be ``x`` (in place).
 
+``pre_bias`` (a per-channel vector, the bias of the convolution that produced ``x``) is added to
+every loaded value in fp32 and rounded to ``x``'s dtype before anything else, exactly as the
+separate ``x.add_(bias)`` it replaces would have; the statistics and the output are those of the
+biased tensor.
+
 Works on plain contiguous and ``channels_last_3d`` tensors (any layout whose spatial dims flatten
-to one stride); the output keeps the layout.
+to one stride); the output keeps the layout. When the channels are the innermost dim (channels_last
+and its channel slices) the voxel stride is a compile-time constant and offsets are 32-bit, so the
+loads of a tile are wide vector loads.
 """
 from __future__ import annotations
 
@@ -24,60 +34,94 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["group_norm_silu", "voxel_stride"]
+__all__ = ["group_norm_silu", "voxel_stride", "bias_residual_"]
 
 # tiles of 4096 elements with 8 warps: 60-105 registers on sm_90 (no spills)
 _TILE_ELEMENTS = 4096
 _WARPS = 8
+# about this many programs per (channel block, batch) in the statistics pass: enough to fill the GPU,
+# few enough that the finalize pass reads one small block of partial statistics
+_STAT_PROGRAMS = 1024
+_INT32_LIMIT = 2 ** 31 - 1
 
 
 @triton.jit
-def _partial_stats(x_ptr, mean_ptr, m2_ptr, V, C, T, sxb, sxc, sxv,
+def _tile_offsets(voxels, channels, sxc, sxv, VSTRIDE: tl.constexpr):
+    """Element offsets of a [voxels, channels] tile within one batch entry: 32-bit with a constant
+    voxel stride when the channels are innermost (VSTRIDE > 0), else 64-bit through the strides."""
+    if VSTRIDE > 0:
+        return voxels[:, None] * VSTRIDE + channels[None, :]
+    else:
+        return voxels.to(tl.int64)[:, None] * sxv + channels.to(tl.int64)[None, :] * sxc
+
+
+@triton.jit
+def _partial_stats(x_ptr, bias_ptr, mean_ptr, m2_ptr, V, C, P, steps, sxb, sxc, sxv,
+                   VSTRIDE: tl.constexpr, HAS_BIAS: tl.constexpr,
                    BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr):
-    tile = tl.program_id(0)
+    program = tl.program_id(0)
     channel_block = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    voxels = tile * BLOCK_V + tl.arange(0, BLOCK_V)
-    valid = voxels < V
     channels = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_ok = channels < C
-    mask = valid[:, None] & channel_ok[None, :]
-    x = tl.load(x_ptr + b * sxb + voxels.to(tl.int64)[:, None] * sxv + channels.to(tl.int64)[None, :] * sxc,
-                mask=mask, other=0.0).to(tl.float32)
-    count = tl.minimum(V - tile * BLOCK_V, BLOCK_V).to(tl.float32)
-    mean = tl.sum(x, axis=0) / count
-    centred = tl.where(mask, x - mean[None, :], 0.0)
-    m2 = tl.sum(centred * centred, axis=0)
-    row = (b * T + tile) * C
-    tl.store(mean_ptr + row + channels, mean, mask=channel_ok)
-    tl.store(m2_ptr + row + channels, m2, mask=channel_ok)
+    x_base = x_ptr + b * sxb
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + channels, mask=channel_ok, other=0.0).to(tl.float32)
+    count_all = tl.zeros([BLOCK_C], dtype=tl.float32)
+    mean_all = tl.zeros([BLOCK_C], dtype=tl.float32)
+    m2_all = tl.zeros([BLOCK_C], dtype=tl.float32)
+    first = program * steps * BLOCK_V
+    for step in range(steps):
+        start = first + step * BLOCK_V
+        voxels = start + tl.arange(0, BLOCK_V)
+        mask = (voxels < V)[:, None] & channel_ok[None, :]
+        x = tl.load(x_base + _tile_offsets(voxels, channels, sxc, sxv, VSTRIDE), mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        if HAS_BIAS:
+            # the conv's bias add, rounded to x's dtype as the separate in-place add was
+            x = tl.where(mask, (x + bias[None, :]).to(x_ptr.dtype.element_ty).to(tl.float32), 0.0)
+        count = tl.minimum(tl.maximum(V - start, 0), BLOCK_V).to(tl.float32)
+        mean = tl.sum(x, axis=0) / tl.maximum(count, 1.0)
+        centred = tl.where(mask, x - mean[None, :], 0.0)
+        m2 = tl.sum(centred * centred, axis=0)
+        # merge (count, mean, m2) of this tile into the program's running statistics
+        total = count_all + count
+        weight = count / tl.maximum(total, 1.0)
+        delta = mean - mean_all
+        mean_all += delta * weight
+        m2_all += m2 + delta * delta * (count_all * weight)
+        count_all = total
+    row = (b * P + program) * C
+    tl.store(mean_ptr + row + channels, mean_all, mask=channel_ok)
+    tl.store(m2_ptr + row + channels, m2_all, mask=channel_ok)
 
 
 @triton.jit
-def _finalize(mean_ptr, m2_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, V, C, T, samples, eps,
-              PER_GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_T: tl.constexpr):
+def _finalize(mean_ptr, m2_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, V, C, P, span, samples, eps,
+              PER_GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1)
     lanes = tl.arange(0, BLOCK_G)
     lane_ok = lanes < PER_GROUP
     channels = group * PER_GROUP + lanes
-    base = b * T * C
+    base = b * P * C
     total = tl.zeros([BLOCK_T, BLOCK_G], dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        tiles = t0 + tl.arange(0, BLOCK_T)
-        tile_ok = tiles < T
-        count = tl.where(tile_ok, tl.minimum(V - tiles * BLOCK_V, BLOCK_V), 0).to(tl.float32)
-        mask = tile_ok[:, None] & lane_ok[None, :]
-        mean = tl.load(mean_ptr + base + tiles.to(tl.int64)[:, None] * C + channels[None, :], mask=mask, other=0.0)
+    for t0 in range(0, P, BLOCK_T):
+        rows = t0 + tl.arange(0, BLOCK_T)
+        row_ok = rows < P
+        # voxels of row r: those of program r of the statistics pass (span voxels, the last one short)
+        count = tl.where(row_ok, tl.minimum(tl.maximum(V - rows * span, 0), span), 0).to(tl.float32)
+        mask = row_ok[:, None] & lane_ok[None, :]
+        mean = tl.load(mean_ptr + base + rows.to(tl.int64)[:, None] * C + channels[None, :], mask=mask, other=0.0)
         total += count[:, None] * mean
     group_mean = tl.sum(tl.sum(total, axis=1), axis=0) / samples
     squares = tl.zeros([BLOCK_T, BLOCK_G], dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        tiles = t0 + tl.arange(0, BLOCK_T)
-        tile_ok = tiles < T
-        count = tl.where(tile_ok, tl.minimum(V - tiles * BLOCK_V, BLOCK_V), 0).to(tl.float32)
-        mask = tile_ok[:, None] & lane_ok[None, :]
-        offsets = base + tiles.to(tl.int64)[:, None] * C + channels[None, :]
+    for t0 in range(0, P, BLOCK_T):
+        rows = t0 + tl.arange(0, BLOCK_T)
+        row_ok = rows < P
+        count = tl.where(row_ok, tl.minimum(tl.maximum(V - rows * span, 0), span), 0).to(tl.float32)
+        mask = row_ok[:, None] & lane_ok[None, :]
+        offsets = base + rows.to(tl.int64)[:, None] * C + channels[None, :]
         mean = tl.load(mean_ptr + offsets, mask=mask, other=0.0)
         m2 = tl.load(m2_ptr + offsets, mask=mask, other=0.0)
         delta = tl.where(mask, mean - group_mean, 0.0)
@@ -93,25 +137,28 @@ def _finalize(mean_ptr, m2_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, V, C
 
 
 @triton.jit
-def _apply(x_ptr, out_ptr, scale_ptr, shift_ptr, V, C, sxb, sxc, sxv, sob, soc, sov,
-           SILU: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr):
+def _apply(x_ptr, bias_ptr, out_ptr, scale_ptr, shift_ptr, V, C, sxb, sxc, sxv, sob, soc, sov,
+           SILU: tl.constexpr, HAS_BIAS: tl.constexpr, XSTRIDE: tl.constexpr, OSTRIDE: tl.constexpr,
+           BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr):
     tile = tl.program_id(0)
     channel_block = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    voxels = (tile * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
-    valid = voxels < V
+    voxels = tile * BLOCK_V + tl.arange(0, BLOCK_V)
     channels = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_ok = channels < C
-    mask = valid[:, None] & channel_ok[None, :]
-    channel_offsets = channels.to(tl.int64)[None, :]
-    x = tl.load(x_ptr + b * sxb + voxels[:, None] * sxv + channel_offsets * sxc, mask=mask, other=0.0)
+    mask = (voxels < V)[:, None] & channel_ok[None, :]
+    x = tl.load(x_ptr + b * sxb + _tile_offsets(voxels, channels, sxc, sxv, XSTRIDE), mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + channels, mask=channel_ok, other=0.0).to(tl.float32)
+        x = (x + bias[None, :]).to(x_ptr.dtype.element_ty).to(tl.float32)
     scale = tl.load(scale_ptr + b * C + channels, mask=channel_ok, other=0.0)
     shift = tl.load(shift_ptr + b * C + channels, mask=channel_ok, other=0.0)
-    y = (x.to(tl.float32) * scale[None, :] + shift[None, :]).to(out_ptr.dtype.element_ty)
+    y = (x * scale[None, :] + shift[None, :]).to(out_ptr.dtype.element_ty)
     if SILU:
         yf = y.to(tl.float32)
         y = tl.div_rn(yf, 1.0 + tl.exp(-yf)).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + b * sob + voxels[:, None] * sov + channel_offsets * soc, y, mask=mask)
+    tl.store(out_ptr + b * sob + _tile_offsets(voxels, channels, soc, sov, OSTRIDE), y, mask=mask)
 
 
 def voxel_stride(x: Tensor) -> Optional[int]:
@@ -134,25 +181,44 @@ def voxel_stride(x: Tensor) -> Optional[int]:
     return 1 if step is None else step
 
 
+def _packed_stride(x: Tensor, spatial_stride: int) -> int:
+    """``spatial_stride`` when the channels are innermost and one batch entry's offsets fit in 32 bits
+    (the kernels then use it as a compile-time constant), else 0 (64-bit strided offsets)."""
+    channels, voxels = x.shape[1], x[0, 0].numel()
+    if (channels == 1 or x.stride(1) == 1) and spatial_stride >= channels \
+            and (voxels + (1 << 16)) * spatial_stride < _INT32_LIMIT:  # tail tiles' masked offsets too
+        return spatial_stride
+    return 0
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _tiles(channels: int) -> tuple[int, int]:
-    """(voxels, channels) per program of the statistics and apply kernels."""
+    """(voxels, channels) per tile of the statistics and apply kernels."""
     block_c = min(triton.next_power_of_2(channels), 64)
     # Triton's interpreter (CPU tests) pays per program, not per element: few large programs there
-    elements = 1 << 16 if os.environ.get("TRITON_INTERPRET") == "1" else _TILE_ELEMENTS
+    elements = 1 << 16 if _interpreted() else _TILE_ELEMENTS
     return max(16, elements // block_c), block_c
 
 
 def group_norm_silu(x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, eps: float, *, silu: bool,
-                    out: Optional[Tensor] = None, block_voxels: Optional[int] = None,
-                    block_tiles: Optional[int] = None) -> Tensor:
-    """GroupNorm of ``x`` [B, C, D, H, W] with fp32 statistics, then SiLU when ``silu``.
+                    out: Optional[Tensor] = None, pre_bias: Optional[Tensor] = None,
+                    block_voxels: Optional[int] = None, block_tiles: Optional[int] = None,
+                    tile_steps: Optional[int] = None) -> Tensor:
+    """GroupNorm of ``x`` [B, C, D, H, W] (plus ``pre_bias`` [C], see the module notes) with fp32
+    statistics, then SiLU when ``silu``.
 
     ``out`` (default: a new tensor of ``x``'s layout) may be ``x`` itself. ``block_voxels`` /
-    ``block_tiles`` (powers of two) override the tile sizes (tests).
+    ``block_tiles`` (powers of two) and ``tile_steps`` (tiles per statistics program) override the
+    tile sizes (tests).
     """
     batch, channels = x.shape[:2]
     if channels % num_groups:
         raise ValueError(f"{channels} channels do not split into {num_groups} groups")
+    if pre_bias is not None and pre_bias.numel() != channels:
+        raise ValueError(f"pre_bias of {pre_bias.numel()} values for {channels} channels")
     if out is None:
         out = torch.empty_like(x)
     in_stride, out_stride = voxel_stride(x), voxel_stride(out)
@@ -164,12 +230,18 @@ def group_norm_silu(x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, ep
     block_v, block_c = _tiles(channels)
     block_v = block_voxels or block_v
     tiles = triton.cdiv(voxels, block_v)
+    steps = tile_steps or triton.cdiv(tiles, 4 if _interpreted() else _STAT_PROGRAMS)
+    programs = triton.cdiv(tiles, steps)
     channel_blocks = triton.cdiv(channels, block_c)
-    means = torch.empty(batch, tiles, channels, dtype=torch.float32, device=x.device)
+    x_packed, out_packed = _packed_stride(x, in_stride), _packed_stride(out, out_stride)
+    has_bias = pre_bias is not None
+    bias_arg = pre_bias if has_bias else weight  # any pointer when unused
+    means = torch.empty(batch, programs, channels, dtype=torch.float32, device=x.device)
     m2 = torch.empty_like(means)
-    _partial_stats[(tiles, channel_blocks, batch)](x, means, m2, voxels, channels, tiles,
-                                                   x.stride(0), x.stride(1), in_stride,
-                                                   BLOCK_V=block_v, BLOCK_C=block_c, num_warps=_WARPS)
+    _partial_stats[(programs, channel_blocks, batch)](x, bias_arg, means, m2, voxels, channels, programs, steps,
+                                                      x.stride(0), x.stride(1), in_stride,
+                                                      VSTRIDE=x_packed, HAS_BIAS=has_bias,
+                                                      BLOCK_V=block_v, BLOCK_C=block_c, num_warps=_WARPS)
     per_group = channels // num_groups
     scale = torch.empty(batch, channels, dtype=torch.float32, device=x.device)
     shift = torch.empty_like(scale)
@@ -177,11 +249,87 @@ def group_norm_silu(x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, ep
     # fixed per group width (not per volume size): fewer kernel variants to compile
     block_t = block_tiles or max(1, 4096 // block_g)
     # the sample count is passed as a float: an integer argument equal to 1 would become a constexpr
-    _finalize[(batch, num_groups)](means, m2, weight, bias, scale, shift, voxels, channels, tiles,
-                                   float(voxels * per_group), float(eps),
-                                   PER_GROUP=per_group, BLOCK_G=block_g, BLOCK_V=block_v, BLOCK_T=block_t)
-    _apply[(tiles, channel_blocks, batch)](x, out, scale, shift, voxels, channels,
+    _finalize[(batch, num_groups)](means, m2, weight, bias, scale, shift, voxels, channels, programs,
+                                   steps * block_v, float(voxels * per_group), float(eps),
+                                   PER_GROUP=per_group, BLOCK_G=block_g, BLOCK_T=block_t)
+    _apply[(tiles, channel_blocks, batch)](x, bias_arg, out, scale, shift, voxels, channels,
                                            x.stride(0), x.stride(1), in_stride,
                                            out.stride(0), out.stride(1), out_stride,
-                                           SILU=silu, BLOCK_V=block_v, BLOCK_C=block_c, num_warps=_WARPS)
+                                           SILU=silu, HAS_BIAS=has_bias, XSTRIDE=x_packed, OSTRIDE=out_packed,
+                                           BLOCK_V=block_v, BLOCK_C=block_c, num_warps=_WARPS)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Conv epilogue: bias and residual in one pass
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _bias_residual(out_ptr, bias_ptr, res_ptr, res_bias_ptr, N, V,
+                   C: tl.constexpr, CHANNELS_INNER: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   HAS_RES: tl.constexpr, HAS_RES_BIAS: tl.constexpr, WIDE: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    if WIDE:
+        index = index.to(tl.int64)
+    valid = index < N
+    if CHANNELS_INNER:
+        channel = index % C
+    else:
+        channel = (index // V) % C
+    y = tl.load(out_ptr + index, mask=valid, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        # each separate in-place add rounded to the tensor's dtype: kept
+        y = (y + tl.load(bias_ptr + channel, mask=valid, other=0.0).to(tl.float32)).to(out_ptr.dtype.element_ty)
+        y = y.to(tl.float32)
+    if HAS_RES:
+        r = tl.load(res_ptr + index, mask=valid, other=0.0).to(tl.float32)
+        if HAS_RES_BIAS:
+            r = (r + tl.load(res_bias_ptr + channel, mask=valid, other=0.0).to(tl.float32)).to(res_ptr.dtype.element_ty)
+            r = r.to(tl.float32)
+        y = y + r
+    tl.store(out_ptr + index, y.to(out_ptr.dtype.element_ty), mask=valid)
+
+
+def _dense_channels_inner(x: Tensor) -> Optional[bool]:
+    """True for a dense channels_last_3d tensor, False for a dense contiguous one, else None."""
+    if x.dim() != 5:
+        return None
+    if x.is_contiguous(memory_format=torch.channels_last_3d):
+        return True
+    if x.is_contiguous():
+        return False
+    return None
+
+
+def bias_residual_(out: Tensor, bias: Optional[Tensor] = None, residual: Optional[Tensor] = None,
+                   residual_bias: Optional[Tensor] = None) -> Tensor:
+    """In place, one pass: ``out = rnd(rnd(out + bias) + rnd(residual + residual_bias))`` with
+    ``rnd`` the rounding to the dtype (each term optional), i.e. exactly ``out.add_(bias)``,
+    ``residual + residual_bias`` and ``out.add_(residual)`` on the low-precision tensors.
+
+    ``out`` [B, C, D, H, W] dense contiguous or channels_last_3d; ``residual`` of the same shape,
+    dtype and strides; biases [C].
+    """
+    inner = _dense_channels_inner(out)
+    if inner is None:
+        raise ValueError("bias_residual_ needs a dense contiguous or channels_last_3d tensor")
+    if residual is not None and (residual.shape != out.shape or residual.stride() != out.stride()
+                                 or residual.dtype != out.dtype):
+        raise ValueError("residual must have out's shape, dtype and strides")
+    if residual is None and residual_bias is not None:
+        raise ValueError("residual_bias without a residual")
+    channels = out.shape[1]
+    for vector in (bias, residual_bias):
+        if vector is not None and vector.numel() != channels:
+            raise ValueError(f"bias of {vector.numel()} values for {channels} channels")
+    n = out.numel()
+    if n == 0 or (bias is None and residual is None):
+        return out
+    block = 1 << 14 if _interpreted() else 2048
+    _bias_residual[(triton.cdiv(n, block),)](
+        out, bias if bias is not None else out, residual if residual is not None else out,
+        residual_bias if residual_bias is not None else out, n, out[0, 0].numel(),
+        C=channels, CHANNELS_INNER=inner or channels == 1, HAS_BIAS=bias is not None,
+        HAS_RES=residual is not None, HAS_RES_BIAS=residual_bias is not None, WIDE=n >= _INT32_LIMIT - block,
+        BLOCK=block, num_warps=4)
     return out

@@ -152,13 +152,23 @@ class Conv3x3x3(nn.Conv3d):
         super().__init__(in_channels, out_channels, 3, padding=1, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        out, pending_bias = self.forward_unbiased(x)
+        return add_bias_residual_(out, pending_bias)
+
+    def forward_unbiased(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """(output, bias still to add): with the Triton kernels and cuDNN convolutions the bias is left
+        to the consumer (a norm's ``pre_bias`` or :func:`add_bias_residual_`), which adds it with the
+        rounding of ATen's separate ``add_`` after cuDNN, without a pass of its own."""
         if _REFINER_CONVS.value != "torch" and x.dim() == 5 and x.dtype in (torch.float16, torch.bfloat16) \
                 and x.dtype == self.weight.dtype:
             import engine.kernels.conv3d as kernel  # imported here: tests reload it under the interpreter
             if self.in_channels <= kernel.MAX_IN_CHANNELS and self.out_channels <= kernel.MAX_OUT_CHANNELS:
                 if _REFINER_CONVS.value == "triton" or self._tuned_choice(x, kernel) == "triton":
-                    return kernel.conv3d_3x3x3(x, self.weight, self.bias)
-        return super().forward(x)
+                    return kernel.conv3d_3x3x3(x, self.weight, self.bias), None
+        if self.bias is not None and _REFINER_CONVS.value == "torch" and x.dim() == 5 \
+                and _triton_kernels(x) is not None:
+            return F.conv3d(x, self.weight, None, self.stride, self.padding, self.dilation, self.groups), self.bias
+        return super().forward(x), None
 
     def _tuned_choice(self, x: Tensor, kernel) -> str:
         key = (self.in_channels, self.out_channels, self.bias is None, tuple(x.shape), x.dtype, x.device,
@@ -179,7 +189,7 @@ class Conv3x3x3(nn.Conv3d):
 # Group norm in fp32 without a full fp32 copy of the activation
 # ----------------------------------------------------------------------------------------------------
 def group_norm_silu(x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, eps: float, *,
-                    silu: bool, inplace: bool = False,
+                    silu: bool, inplace: bool = False, pre_bias: Optional[Tensor] = None,
                     chunk_elements: int = _NORM_CHUNK_ELEMENTS) -> Tensor:
     """GroupNorm computed in fp32 and cast back to ``x.dtype``, optionally followed by SiLU.
 
@@ -190,6 +200,10 @@ def group_norm_silu(x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, ep
     On CUDA (see :func:`set_kernel_backend`) 5D inputs go to the Triton kernels of
     :mod:`engine.kernels.group_norm` (one read for the statistics, one fused normalise + affine + SiLU
     pass), which evaluate the same expression.
+
+    ``pre_bias`` [C] (the bias of the convolution that produced ``x``, see
+    :meth:`Conv3x3x3.forward_unbiased`) is first added to ``x`` with the low-precision rounding of an
+    in-place ``add_``; the Triton kernels do that on the fly in both passes.
     """
     batch, channels = x.shape[:2]
     if channels % num_groups:
@@ -198,9 +212,12 @@ def group_norm_silu(x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, ep
     if kernels is not None and kernels.norm.voxel_stride(x) is not None:
         # a kernel that cannot compile fails before writing anything, so x is intact for the fallback
         out = _run_triton(kernels.norm.group_norm_silu, x, num_groups, weight, bias, eps, silu=silu,
-                          out=x if inplace else None)
+                          out=x if inplace else None, pre_bias=pre_bias)
         if out is not None:
             return out
+    if pre_bias is not None:
+        bias_view = pre_bias.view(1, channels, *([1] * (x.dim() - 2)))
+        x = x.add_(bias_view) if inplace else x + bias_view
     per_group = channels // num_groups
     spatial_dims = tuple(range(2, x.dim()))
     voxels = x[0, 0].numel() if x.numel() else 0
@@ -239,8 +256,31 @@ def group_norm_silu(x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, ep
 class GroupNorm32(nn.GroupNorm):
     """``nn.GroupNorm`` (keys ``weight``/``bias``, kept fp32) evaluated by :func:`group_norm_silu`."""
 
-    def forward(self, x: Tensor, silu: bool = False, inplace: bool = False) -> Tensor:
-        return group_norm_silu(x, self.num_groups, self.weight, self.bias, self.eps, silu=silu, inplace=inplace)
+    def forward(self, x: Tensor, silu: bool = False, inplace: bool = False,
+                pre_bias: Optional[Tensor] = None) -> Tensor:
+        return group_norm_silu(x, self.num_groups, self.weight, self.bias, self.eps, silu=silu, inplace=inplace,
+                               pre_bias=pre_bias)
+
+
+def add_bias_residual_(out: Tensor, bias: Optional[Tensor] = None, residual: Optional[Tensor] = None,
+                       residual_bias: Optional[Tensor] = None) -> Tensor:
+    """``out.add_(bias)``, then ``out.add_(residual + residual_bias)`` (each optional), in place with
+    the rounding of those low-precision ATen ops; one Triton pass on CUDA (see
+    :func:`engine.kernels.group_norm.bias_residual_`) when the layouts allow it."""
+    if bias is None and residual is None:
+        return out
+    kernels = _triton_kernels(out)
+    if kernels is not None and kernels.norm._dense_channels_inner(out) is not None and (
+            residual is None or (residual.stride() == out.stride() and residual.dtype == out.dtype
+                                 and residual.shape == out.shape)):
+        if _run_triton(kernels.norm.bias_residual_, out, bias, residual, residual_bias) is not None:
+            return out
+    shape = (1, out.shape[1]) + (1,) * (out.dim() - 2)
+    if bias is not None:
+        out.add_(bias.view(shape))
+    if residual is not None:
+        out.add_(residual if residual_bias is None else residual + residual_bias.view(shape))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -260,14 +300,21 @@ class ResnetBlock3D(nn.Module):
     def forward(self, x: Tensor, consume_input: bool = False) -> Tensor:
         """``consume_input=True`` lets the block overwrite ``x`` (the caller must not use it again),
         which saves one activation-sized buffer on the wide concatenated inputs of the up path."""
-        shortcut = self.conv_shortcut(x) if self.conv_shortcut is not None else x
+        shortcut, shortcut_bias = x, None
+        if self.conv_shortcut is not None:
+            if _triton_kernels(x) is not None and self.conv_shortcut.bias is not None:
+                # its bias is added in the residual pass below (same rounding as a separate add_)
+                sc = self.conv_shortcut
+                shortcut = F.conv3d(x, sc.weight, None, sc.stride, sc.padding, sc.dilation, sc.groups)
+                shortcut_bias = sc.bias
+            else:
+                shortcut = self.conv_shortcut(x)
         h = self.norm1(x, silu=True, inplace=consume_input and self.conv_shortcut is not None)
         del x
-        h = self.conv1(h)
-        self.norm2(h, silu=True, inplace=True)
-        h = self.conv2(h)
-        h += shortcut
-        return h
+        h, bias = self.conv1.forward_unbiased(h)
+        self.norm2(h, silu=True, inplace=True, pre_bias=bias)
+        h, bias = self.conv2.forward_unbiased(h)
+        return add_bias_residual_(h, bias, shortcut, shortcut_bias)
 
 
 class Downsample3D(nn.Module):

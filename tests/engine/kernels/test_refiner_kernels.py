@@ -50,7 +50,7 @@ def _kernel_modules():
         from triton.runtime.interpreter import InterpretedFunction
         if not isinstance(norm._apply, InterpretedFunction):
             norm = importlib.reload(norm)
-        if not isinstance(adaptive._adaptive_filter_step_kernel, InterpretedFunction):
+        if not isinstance(adaptive._filter_step_kernel, InterpretedFunction):
             adaptive = importlib.reload(adaptive)
         if not isinstance(conv._conv3_kernel, InterpretedFunction):
             conv = importlib.reload(conv)
@@ -142,6 +142,78 @@ def test_group_norm_dispatch_matches_the_chunked_torch_path():
     torch.testing.assert_close(out.float(), expected.float(), rtol=2 * torch.finfo(torch.float16).eps, atol=1e-4)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_kernel_pre_bias_is_the_rounded_separate_add(channels_last):
+    gen = torch.Generator().manual_seed(6)
+    x = _layout((torch.randn(1, 8, 9, 7, 5, generator=gen) * 3).half(), channels_last).to(DEVICE)
+    conv_bias = (torch.randn(8, generator=gen) * 5).half().to(DEVICE)
+    weight, bias = torch.randn(8, generator=gen).to(DEVICE), torch.randn(8, generator=gen).to(DEVICE)
+    biased = x + conv_bias.view(1, 8, 1, 1, 1)  # what ATen's add_ after cuDNN gives
+    for steps in (1, 3):  # one tile per statistics program, or several merged in one program
+        expected = gn_kernels.group_norm_silu(biased, 4, weight, bias, 1e-5, silu=True, block_voxels=16,
+                                              tile_steps=steps)
+        out = gn_kernels.group_norm_silu(x.clone(), 4, weight, bias, 1e-5, silu=True, pre_bias=conv_bias,
+                                         block_voxels=16, tile_steps=steps)
+        assert torch.equal(out, expected)
+        _assert_one_rounding(out, F.silu(_reference_group_norm(biased, 4, weight, bias).float()).half(), atol=1e-3)
+    source = x.clone()
+    with kernel_backend("triton"):
+        fused = refiners.group_norm_silu(source, 4, weight, bias, 1e-5, silu=False, inplace=True, pre_bias=conv_bias)
+    with kernel_backend("torch"):
+        reference = refiners.group_norm_silu(x.clone(), 4, weight, bias, 1e-5, silu=False, inplace=True,
+                                             pre_bias=conv_bias)
+    assert fused.data_ptr() == source.data_ptr()
+    torch.testing.assert_close(fused.float(), reference.float(), rtol=2 * torch.finfo(torch.float16).eps, atol=1e-4)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_bias_residual_kernel_equals_the_separate_adds(channels_last, dtype):
+    gen = torch.Generator().manual_seed(7)
+    shape = (2, 6, 5, 4, 7)
+    out = _layout((torch.randn(shape, generator=gen) * 4).to(dtype), channels_last).to(DEVICE)
+    residual = _layout((torch.randn(shape, generator=gen) * 4).to(dtype), channels_last).to(DEVICE)
+    bias, residual_bias = (torch.randn(6, generator=gen) * 4).to(dtype).to(DEVICE), \
+        (torch.randn(6, generator=gen) * 4).to(dtype).to(DEVICE)
+    view = (1, 6, 1, 1, 1)
+    cases = [(bias, None, None), (bias, residual, None), (None, residual, None), (bias, residual, residual_bias)]
+    for b, r, rb in cases:
+        expected = out.clone()
+        if b is not None:
+            expected.add_(b.view(view))
+        if r is not None:
+            expected.add_(r if rb is None else r + rb.view(view))
+        got = gn_kernels.bias_residual_(out.clone(), b, r, rb)
+        assert torch.equal(got, expected)
+        with kernel_backend("triton"):
+            assert torch.equal(refiners.add_bias_residual_(out.clone(), b, r, rb), expected)
+    with pytest.raises(ValueError):
+        gn_kernels.bias_residual_(out.clone(), bias, residual.contiguous(memory_format=torch.contiguous_format
+                                                                        if channels_last else CL))
+    # a residual of another layout: the dispatcher falls back to the ATen adds
+    other = residual.contiguous(memory_format=torch.contiguous_format if channels_last else CL)
+    expected = out.clone().add_(bias.view(view)).add_(other)
+    with kernel_backend("triton"):
+        assert torch.equal(refiners.add_bias_residual_(out.clone(), bias, other), expected)
+
+
+def test_resnet_block_with_deferred_biases_matches_torch_path():
+    gen = torch.Generator().manual_seed(8)
+    for cin, cout in ((8, 8), (16, 8)):
+        block = refiners.ResnetBlock3D(cin, cout, 4, 1e-5).eval()
+        with torch.no_grad():
+            for p in block.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        block = block.to(DEVICE)
+        x = torch.randn(1, cin, 6, 5, 4, generator=gen).to(DEVICE).contiguous(memory_format=CL)
+        with torch.inference_mode():
+            with kernel_backend("torch"):
+                expected = block(x.clone())
+            with kernel_backend("triton"):
+                out = block(x.clone(), consume_input=True)
+        torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
 # ------------------------------------------------------------------------------------- adaptive filter
 @pytest.mark.parametrize("dtype, channels, channels_last", [
     (torch.float32, 8, False), (torch.float16, 8, True), (torch.float16, 1, True), (torch.float32, 3, True)])
@@ -165,15 +237,27 @@ def test_adaptive_filter_kernel_matches_torch_path(dtype, channels, channels_las
         assert (out != expected).float().mean() < 0.01
 
 
+def test_normalised_taps_are_the_torch_path_weights():
+    gen = torch.Generator().manual_seed(10)
+    raw = _layout(torch.randn(2, 27, 4, 5, 3, generator=gen).half(), True).to(DEVICE)
+    taps = af_kernels.normalise_taps(raw, torch.float16)
+    assert taps.shape == (2, 27, 60) and taps.dtype == torch.float16
+    norm = raw.float().abs().sum(1, keepdim=True).clamp_min(1e-12)
+    expected = (raw.float() / norm).half().reshape(2, 27, 60)
+    # the fp32 norm may differ from this one in its last bit (summation order): rare one-step ties
+    _assert_one_rounding(taps, expected, atol=1e-6)
+    assert (taps != expected).float().mean() < 0.01
+
+
 def test_adaptive_filter_kernel_small_programs_and_one_step():
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(1, 8, 5, 7, 6, generator=gen).to(DEVICE)
     raw = torch.randn(1, 27, 5, 7, 6, generator=gen).to(DEVICE)
-    # one iteration against the zero-padded unfold definition, programs of 32 voxels (ragged last)
+    # one iteration against the zero-padded unfold definition, boxes of 2 x 2 x 4 voxels (ragged last)
     weights = raw / raw.abs().sum(1, keepdim=True)
     cols = F.pad(x, (1, 1, 1, 1, 1, 1)).unfold(2, 3, 1).unfold(3, 3, 1).unfold(4, 3, 1)
     expected = (cols.flatten(-3) * weights.permute(0, 2, 3, 4, 1).unsqueeze(1)).sum(-1)
-    out = af_kernels.adaptive_filter_step(x, raw, block_voxels=32)
+    out = af_kernels.adaptive_filter_step(x, raw, tile=(2, 2, 4))
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError):
         af_kernels.adaptive_filter_step(x, raw, out=x)
@@ -376,14 +460,18 @@ def build(fn, types, constants, warps):
 
 
 half, single = "*fp16", "*fp32"
-build(adaptive_filter._adaptive_filter_step_kernel, dict(x_ptr=half, w_ptr=half, out_ptr=half),
-      dict(C=8, BLOCK_C=8, BLOCK_V=256), 8)
-build(group_norm._partial_stats, dict(x_ptr=half, mean_ptr=single, m2_ptr=single), dict(BLOCK_V=512, BLOCK_C=8), 8)
+build(adaptive_filter._filter_step_kernel, dict(x_ptr=half, taps_ptr=half, out_ptr=half),
+      dict(C=8, BLOCK_C=8, PACKED_X=True, PACKED_OUT=True, TD=4, TH=4, TW=32), 8)
+build(adaptive_filter._normalise_taps_kernel, dict(w_ptr=half, taps_ptr=half), dict(BLOCK_V=512), 4)
+build(group_norm._partial_stats, dict(x_ptr=half, bias_ptr=half, mean_ptr=single, m2_ptr=single),
+      dict(VSTRIDE=8, HAS_BIAS=True, BLOCK_V=512, BLOCK_C=8), 8)
 build(group_norm._finalize, dict(mean_ptr=single, m2_ptr=single, weight_ptr=single, bias_ptr=single,
                                  scale_ptr=single, shift_ptr=single, samples="fp32", eps="fp32"),
-      dict(PER_GROUP=2, BLOCK_G=2, BLOCK_V=512, BLOCK_T=2048), 4)
-build(group_norm._apply, dict(x_ptr=half, out_ptr=half, scale_ptr=single, shift_ptr=single),
-      dict(SILU=True, BLOCK_V=512, BLOCK_C=8), 8)
+      dict(PER_GROUP=2, BLOCK_G=2, BLOCK_T=2048), 4)
+build(group_norm._apply, dict(x_ptr=half, bias_ptr=half, out_ptr=half, scale_ptr=single, shift_ptr=single),
+      dict(SILU=True, HAS_BIAS=True, XSTRIDE=8, OSTRIDE=8, BLOCK_V=512, BLOCK_C=8), 8)
+build(group_norm._bias_residual, dict(out_ptr=half, bias_ptr=half, res_ptr=half, res_bias_ptr=half),
+      dict(C=8, CHANNELS_INNER=True, HAS_BIAS=True, HAS_RES=True, HAS_RES_BIAS=True, WIDE=False, BLOCK=2048), 4)
 build(conv3d._conv3_kernel, dict(x_ptr=half, w_ptr=half, b_ptr=half, out_ptr=half),
       dict(CIN=40, COUT=8, KP=64, NP=16, HAS_BIAS=True, IEEE=False, BLOCK_V=128), 4)
 """
@@ -404,5 +492,5 @@ def test_kernels_compile_for_sm90():
     if done.returncode != 0 and "ptxas" in done.stderr and "not found" in done.stderr.lower():
         pytest.skip("Triton's ptxas is not available")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("compiled") == 5
+    assert done.stdout.count("compiled") == 7
     assert "_conv3_kernel True compiled" in done.stdout  # the conv runs on tensor cores
