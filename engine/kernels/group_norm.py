@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["group_norm_silu", "voxel_stride", "bias_residual_"]
+__all__ = ["group_norm_silu", "voxel_stride", "bias_residual_", "copy_channels_"]
 
 # tiles of 4096 elements with 8 warps: 60-105 registers on sm_90 (no spills)
 _TILE_ELEMENTS = 4096
@@ -333,3 +333,49 @@ def bias_residual_(out: Tensor, bias: Optional[Tensor] = None, residual: Optiona
         HAS_RES=residual is not None, HAS_RES_BIAS=residual_bias is not None, WIDE=n >= _INT32_LIMIT - block,
         BLOCK=block, num_warps=4)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Channel-slice copies (the UNet's skip concatenations), with an optional bias
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _copy_channels(src_ptr, bias_ptr, dst_ptr, V, C, ssb, ssc, ssv, sdb, sdc, sdv,
+                   HAS_BIAS: tl.constexpr, SSTRIDE: tl.constexpr, DSTRIDE: tl.constexpr,
+                   BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr):
+    tile = tl.program_id(0)
+    channel_block = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    voxels = tile * BLOCK_V + tl.arange(0, BLOCK_V)
+    channels = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_ok = channels < C
+    mask = (voxels < V)[:, None] & channel_ok[None, :]
+    x = tl.load(src_ptr + b * ssb + _tile_offsets(voxels, channels, ssc, ssv, SSTRIDE), mask=mask, other=0.0)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + channels, mask=channel_ok, other=0.0).to(tl.float32)
+        x = x.to(tl.float32) + bias[None, :]
+    tl.store(dst_ptr + b * sdb + _tile_offsets(voxels, channels, sdc, sdv, DSTRIDE),
+             x.to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+def copy_channels_(dst: Tensor, src: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``dst.copy_(src + bias)`` (``src.add_(bias)`` rounded to ``src``'s dtype when it equals
+    ``dst``'s) for 5D tensors whose spatial dims flatten, e.g. a channel slice of a channels_last_3d
+    concatenation buffer; one pass."""
+    if dst.shape != src.shape:
+        raise ValueError(f"copy of {tuple(src.shape)} into {tuple(dst.shape)}")
+    if bias is not None and (bias.numel() != src.shape[1] or src.dtype != dst.dtype):
+        raise ValueError("bias needs one value per channel and src of dst's dtype")
+    src_stride, dst_stride = voxel_stride(src), voxel_stride(dst)
+    if src_stride is None or dst_stride is None:
+        raise ValueError("copy_channels_ needs 5D tensors whose spatial dims flatten")
+    if dst.numel() == 0:
+        return dst
+    batch, channels = src.shape[:2]
+    voxels = src[0, 0].numel()
+    block_v, block_c = _tiles(channels)
+    _copy_channels[(triton.cdiv(voxels, block_v), triton.cdiv(channels, block_c), batch)](
+        src, bias if bias is not None else src, dst, voxels, channels,
+        src.stride(0), src.stride(1), src_stride, dst.stride(0), dst.stride(1), dst_stride,
+        HAS_BIAS=bias is not None, SSTRIDE=_packed_stride(src, src_stride), DSTRIDE=_packed_stride(dst, dst_stride),
+        BLOCK_V=block_v, BLOCK_C=block_c, num_warps=_WARPS)
+    return dst

@@ -349,10 +349,43 @@ class Upsample3D(nn.Module):
                              memory_format=_memory_format_of(x))
         per_slice = batch * out_channels * 2 * out_size[1] * out_size[2]
         step = max(1, slab_elements // per_slice)
+        conv = self.conv
+        # with the Triton kernels the bias is added while copying each slab into place (one pass)
+        fused = conv.bias is not None and _triton_kernels(x) is not None
         for x0 in range(0, x.shape[2], step):
-            joined[:, :out_channels, 2 * x0:2 * (x0 + step)] = self.conv(x[:, :, x0:x0 + step])
-        joined[:, out_channels:] = skip
+            target = joined[:, :out_channels, 2 * x0:2 * (x0 + step)]
+            if fused:
+                slab = F.conv_transpose3d(x[:, :, x0:x0 + step], conv.weight, None, conv.stride, conv.padding,
+                                          conv.output_padding, conv.groups, conv.dilation)
+                copy_channels_(target, slab, conv.bias)
+            else:
+                target.copy_(conv(x[:, :, x0:x0 + step]))
+        copy_channels_(joined[:, out_channels:], skip)
         return joined
+
+
+def copy_channels_(dst: Tensor, src: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``dst.copy_(src)`` after ``src.add_(bias)`` (optional), as one Triton pass when the kernels are
+    in use (see :func:`engine.kernels.group_norm.copy_channels_`), else with ATen."""
+    kernels = _triton_kernels(dst)
+    if kernels is not None and kernels.norm.voxel_stride(dst) is not None \
+            and kernels.norm.voxel_stride(src) is not None and dst.dtype == src.dtype:
+        if _run_triton(kernels.norm.copy_channels_, dst, src, bias) is not None:
+            return dst
+    if bias is not None:
+        src = src + bias.view(1, -1, *([1] * (src.dim() - 2)))
+    return dst.copy_(src)
+
+
+def join_channels(first: Tensor, second: Tensor) -> Tensor:
+    """``torch.cat([first, second], 1)`` in ``first``'s memory format (the copies on the Triton kernels)."""
+    if _triton_kernels(first) is None or first.dim() != 5:
+        return torch.cat([first, second], dim=1)
+    joined = torch.empty(first.shape[0], first.shape[1] + second.shape[1], *first.shape[2:], dtype=first.dtype,
+                         device=first.device, memory_format=_memory_format_of(first))
+    copy_channels_(joined[:, :first.shape[1]], first)
+    copy_channels_(joined[:, first.shape[1]:], second)
+    return joined
 
 
 class DownBlock3D(nn.Module):
@@ -447,7 +480,7 @@ class UNet3D(nn.Module):
                     joined = pending_upsample.upsample_and_join(h, skips.pop())
                     pending_upsample = None
                 else:
-                    joined = torch.cat([h, skips.pop()], dim=1)
+                    joined = join_channels(h, skips.pop())
                 del h
                 h = resnet(joined, consume_input=True)
                 del joined
@@ -682,7 +715,7 @@ class Refiner512(_DenseLayout, nn.Module):
         h = self.conv_in(sdf_patch.to(self.compute_dtype).contiguous(memory_format=fmt))
         if intermediates is not None:
             intermediates["conv_in"] = h
-        x = torch.cat([h, latent_patch.to(self.compute_dtype)], dim=1)
+        x = join_channels(h, latent_patch.to(self.compute_dtype))
         if not x.is_contiguous(memory_format=fmt):
             x = x.contiguous(memory_format=fmt)
         del h

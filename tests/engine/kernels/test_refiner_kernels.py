@@ -214,6 +214,35 @@ def test_resnet_block_with_deferred_biases_matches_torch_path():
         torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channel_copies_and_upsample_join_match_aten(channels_last):
+    gen = torch.Generator().manual_seed(11)
+    first = _layout(torch.randn(1, 6, 4, 6, 5, generator=gen).half(), channels_last).to(DEVICE)
+    second = _layout(torch.randn(1, 3, 4, 6, 5, generator=gen).half(), channels_last).to(DEVICE)
+    bias = torch.randn(6, generator=gen).half().to(DEVICE)
+    buffer = torch.zeros(1, 9, 4, 6, 5, dtype=torch.half, device=DEVICE)
+    buffer = _layout(buffer, channels_last)
+    gn_kernels.copy_channels_(buffer[:, :6], first, bias)
+    gn_kernels.copy_channels_(buffer[:, 6:], second)
+    assert torch.equal(buffer, torch.cat([first + bias.view(1, 6, 1, 1, 1), second], 1))
+    with kernel_backend("triton"):
+        joined = refiners.join_channels(first, second)
+    assert torch.equal(joined, torch.cat([first, second], 1))
+    assert joined.is_contiguous(memory_format=CL if channels_last else torch.contiguous_format)
+    up = refiners.Upsample3D(4).to(DEVICE)
+    with torch.no_grad():
+        up.conv.weight.copy_(torch.randn(up.conv.weight.shape, generator=gen))
+        up.conv.bias.copy_(torch.randn(4, generator=gen))
+    low = _layout(torch.randn(1, 4, 2, 3, 3, generator=gen), channels_last).to(DEVICE)
+    skip = _layout(torch.randn(1, 2, 4, 6, 6, generator=gen), channels_last).to(DEVICE)
+    with torch.inference_mode():
+        with kernel_backend("torch"):
+            expected = up.upsample_and_join(low, skip, slab_elements=1)
+        with kernel_backend("triton"):
+            out = up.upsample_and_join(low, skip, slab_elements=1)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------------- adaptive filter
 @pytest.mark.parametrize("dtype, channels, channels_last", [
     (torch.float32, 8, False), (torch.float16, 8, True), (torch.float16, 1, True), (torch.float32, 3, True)])
