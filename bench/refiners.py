@@ -9,7 +9,7 @@ the PyTorch kernels in the contiguous layout (the CPU path) run too, and the tab
 fast path's output is from theirs. Prints one markdown table.
 
     python bench/refiners.py [--version v1.1] [--repeats 2] [--compare] [--only refiner sign] [--profile]
-                             [--rows 12] [--default-only] [--save outputs.pt]
+                             [--rows 12] [--default-only] [--save outputs.pt] [--kernels]
 
 ``--profile`` also prints, per configuration, the GPU kernels of one patch by total time.
 ``--save`` keeps the first configuration's outputs (random weights seeded) to compare checkouts.
@@ -157,6 +157,70 @@ def bench_sign(args, generator, rows, device, dtype):
     del model, reference
 
 
+def kernel_sweep():
+    """Time the refiner kernels alone at full size with a few tile choices (GB/s of their traffic)."""
+    import engine.kernels.adaptive_filter as af
+    import engine.kernels.group_norm as gn
+
+    device, half, cl = "cuda", torch.float16, torch.channels_last_3d
+
+    def ms(fn, repeats=10):
+        fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / repeats
+
+    def report(name, fn, nbytes):
+        t = ms(fn)
+        print(f"| {name} | {t:.3f} | {nbytes / t / 1e6:.0f} |")
+
+    print("\n| kernel (tile) | ms | GB/s |\n| --- | ---: | ---: |")
+    size = 192
+    voxels = size ** 3
+    x = torch.randn(1, 8, size, size, size, device=device, dtype=half).contiguous(memory_format=cl)
+    raw = (torch.rand(1, 27, size, size, size, device=device, dtype=half) + 0.1).contiguous(memory_format=cl)
+    out = torch.empty_like(x)
+    for block in (64, 128, 256, 512):
+        report(f"normalise taps 192^3 (block {block})", lambda: af.normalise_taps(raw, half, block), 4 * 27 * voxels)
+    taps = af.normalise_taps(raw, half)
+    for tile in ((2, 4, 32), (4, 4, 32), (1, 8, 32), (2, 8, 16), (1, 4, 64), (4, 8, 8), (1, 2, 64)):
+        for warps in (4, 8):
+            report(f"filter step 192^3 x 8 ({tile}, {warps} warps)", lambda: af._step(x, taps, out, tile, warps),
+                   2 * voxels * (27 + 16))
+    x1 = torch.randn(1, 1, size, size, size, device=device, dtype=half)
+    report("filter step 192^3 x 1 (default)", lambda: af._step(x1, taps, torch.empty_like(x1), None), 2 * voxels * 29)
+    del x, raw, out, taps, x1
+    size = 256
+    voxels = size ** 3
+    for channels in (8, 40):
+        y = torch.randn(1, channels, size, size, size, device=device, dtype=half).contiguous(memory_format=cl)
+        weight, bias = torch.ones(channels, device=device), torch.zeros(channels, device=device)
+        for programs in (1024, 2048, 4096, 8192):
+            report(f"group norm + SiLU 256^3 x {channels} in place ({programs} stat programs)",
+                   lambda: gn.group_norm_silu(y, 4, weight, bias, 1e-5, silu=True, out=y, stat_programs=programs),
+                   3 * 2 * channels * voxels)
+        report(f"torch clone 256^3 x {channels} (copy roofline)", lambda: y.clone(), 4 * channels * voxels)
+        del y
+    joined = torch.empty(1, 40, size, size, size, device=device, dtype=half, memory_format=cl)
+    up = torch.randn(1, 32, size, size, size, device=device, dtype=half).contiguous(memory_format=cl)
+    skip = torch.randn(1, 8, size, size, size, device=device, dtype=half).contiguous(memory_format=cl)
+    up_bias = torch.randn(32, device=device, dtype=half)
+    report("copy 32 ch + bias into 40 ch 256^3", lambda: gn.copy_channels_(joined[:, :32], up, up_bias), 4 * 32 * voxels)
+    report("copy 8 ch into 40 ch 256^3", lambda: gn.copy_channels_(joined[:, 32:], skip), 4 * 8 * voxels)
+    report("torch copy 8 ch into 40 ch 256^3", lambda: joined[:, 32:].copy_(skip), 4 * 8 * voxels)
+    del joined, up
+    h = torch.randn(1, 8, size, size, size, device=device, dtype=half).contiguous(memory_format=cl)
+    b8 = torch.randn(8, device=device, dtype=half)
+    report("bias + residual 256^3 x 8", lambda: gn.bias_residual_(h, b8, skip, b8), 6 * 8 * voxels)
+    report("torch bias add_ 256^3 x 8", lambda: h.add_(b8.view(1, 8, 1, 1, 1)), 4 * 8 * voxels)
+    report("torch residual add_ 256^3 x 8", lambda: h.add_(skip), 6 * 8 * voxels)
+
+
 def configurations(args):
     """(name, kernel backend, conv backend, channels_last) of each timed configuration; the first is
     the default CUDA path and the reference of the last column."""
@@ -182,6 +246,8 @@ def main(argv=None):
     parser.add_argument("--profile", action="store_true",
                         help="print the top GPU kernels of one patch per configuration")
     parser.add_argument("--rows", type=int, default=12, help="kernels listed per --profile table")
+    parser.add_argument("--kernels", action="store_true",
+                        help="only time the Triton kernels alone at full size, with a few tile choices")
     parser.add_argument("--default-only", action="store_true",
                         help="time only the default configuration (and --compare's)")
     parser.add_argument("--save", metavar="PATH",
@@ -190,6 +256,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench/refiners.py needs a CUDA GPU")
+    if args.kernels:
+        kernel_sweep()
+        return
     global PROFILE_ROWS
     PROFILE_ROWS = args.rows
     torch.manual_seed(0)  # the same random weights in every run

@@ -34,8 +34,13 @@ from torch import Tensor
 __all__ = ["normalise_taps", "adaptive_filter_step", "adaptive_filter"]
 
 _INT32_LIMIT = 2 ** 31 - 1
-# voxels per program of the filter step (depth, height, width): 512 voxels x 8 channels with 8 warps
-_TILE = (4, 4, 32)
+# voxels per program of the filter step (depth, height, width): 256 voxels x 8 channels with 8 warps
+# (one voxel per thread: the 27 unrolled taps keep many loads in flight without spilling)
+_TILE = (2, 4, 32)
+_WARPS = 8
+# voxels per program of the normalisation: small, so that the 54-byte weight rows of a program stay
+# in L1 between its strided tap loads
+_NORMALISE_BLOCK = 128
 _INTERPRETER_TILE = (4, 8, 8)
 
 
@@ -141,7 +146,7 @@ def _check(x: Tensor, raw_weights: Tensor) -> None:
         raise ValueError(f"weights {tuple(raw_weights.shape)} do not match x {tuple(x.shape)}")
 
 
-def normalise_taps(raw_weights: Tensor, dtype: torch.dtype) -> Tensor:
+def normalise_taps(raw_weights: Tensor, dtype: torch.dtype, block_voxels: Optional[int] = None) -> Tensor:
     """L1-normalised weights, tap-major [B, 27, voxels] in ``dtype`` (see the module notes)."""
     if raw_weights.dim() != 5 or raw_weights.shape[1] != 27:
         raise ValueError(f"expected weights [B, 27, D, H, W], got {tuple(raw_weights.shape)}")
@@ -153,14 +158,15 @@ def normalise_taps(raw_weights: Tensor, dtype: torch.dtype) -> Tensor:
     taps = torch.empty(batch, 27, voxels, dtype=dtype, device=raw_weights.device)
     if taps.numel() == 0:
         return taps
-    block = 1 << 14 if os.environ.get("TRITON_INTERPRET") == "1" else 512
+    block = block_voxels or (1 << 14 if os.environ.get("TRITON_INTERPRET") == "1" else _NORMALISE_BLOCK)
     _normalise_taps_kernel[(triton.cdiv(voxels, block), batch)](
         raw_weights, taps, voxels, raw_weights.stride(0), raw_weights.stride(1), stride,
         BLOCK_V=block, num_warps=4)
     return taps
 
 
-def _step(x: Tensor, taps: Tensor, out: Tensor, tile: Optional[Tuple[int, int, int]]) -> Tensor:
+def _step(x: Tensor, taps: Tensor, out: Tensor, tile: Optional[Tuple[int, int, int]],
+          warps: Optional[int] = None) -> Tensor:
     batch, channels, depth, height, width = x.shape
     if out.numel() == 0:
         return out
@@ -184,7 +190,7 @@ def _step(x: Tensor, taps: Tensor, out: Tensor, tile: Optional[Tuple[int, int, i
         x, taps, out, depth, height, width, tiles_h, tiles_w,
         x.stride(0), x.stride(1), x_stride, out.stride(0), out.stride(1), out_stride,
         C=channels, BLOCK_C=triton.next_power_of_2(channels), PACKED_X=packed_x, PACKED_OUT=packed_out,
-        TD=td, TH=th, TW=tw, num_warps=8)
+        TD=td, TH=th, TW=tw, num_warps=warps or _WARPS)
     return out
 
 

@@ -4,9 +4,10 @@ and the conv epilogue (bias, residual) that the norms do not absorb.
 Three launches per norm:
 
 1. ``_partial_stats``: each program walks ``steps`` consecutive tiles of voxels x channels (any
-   dtype), takes each tile's per-channel mean and centred sum of squares in fp32 and merges them
-   into its running ones (Chan et al.: ``M2 = M2_a + M2_b + delta^2 n_a n_b / n``). Programs cover
-   long voxel ranges, so there are at most about a thousand rows of partial statistics per channel.
+   dtype) and accumulates, per element slot in registers, ``x - s`` and ``(x - s)^2`` in fp32 with
+   ``s`` the per-channel mean of its first tile (so a large common offset does not cancel digits);
+   one reduction at the end gives the program's per-channel mean and centred sum of squares.
+   Programs cover long voxel ranges: at most a few thousand rows of partial statistics per channel.
 2. ``_finalize``: one program per (batch, group) combines those rows exactly,
    ``M2 = sum_r,c M2[r, c] + n_r (mean[r, c] - mean_g)^2``, and writes the per-channel affine
    ``scale = gamma * rsqrt(var + eps)``, ``shift = beta - mean_g * scale`` (fp32).
@@ -41,7 +42,7 @@ _TILE_ELEMENTS = 4096
 _WARPS = 8
 # about this many programs per (channel block, batch) in the statistics pass: enough to fill the GPU,
 # few enough that the finalize pass reads one small block of partial statistics
-_STAT_PROGRAMS = 1024
+_STAT_PROGRAMS = 2048
 _INT32_LIMIT = 2 ** 31 - 1
 
 
@@ -62,38 +63,39 @@ def _partial_stats(x_ptr, bias_ptr, mean_ptr, m2_ptr, V, C, P, steps, sxb, sxc, 
     program = tl.program_id(0)
     channel_block = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    channels = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)
-    channel_ok = channels < C
+    channels = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)  # BLOCK_C divides C: no channel mask
     x_base = x_ptr + b * sxb
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + channels, mask=channel_ok, other=0.0).to(tl.float32)
-    count_all = tl.zeros([BLOCK_C], dtype=tl.float32)
-    mean_all = tl.zeros([BLOCK_C], dtype=tl.float32)
-    m2_all = tl.zeros([BLOCK_C], dtype=tl.float32)
+        bias = tl.load(bias_ptr + channels).to(tl.float32)
     first = program * steps * BLOCK_V
+    # shift: the mean of the program's first tile (sums of x - shift keep fp32 accurate under a large
+    # common offset); then per-element running sums in registers, reduced once at the end
+    voxels = first + tl.arange(0, BLOCK_V)
+    valid = (voxels < V)[:, None]
+    x = tl.load(x_base + _tile_offsets(voxels, channels, sxc, sxv, VSTRIDE), mask=valid, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        x = tl.where(valid, (x + bias[None, :]).to(x_ptr.dtype.element_ty).to(tl.float32), 0.0)
+    shift = tl.sum(x, axis=0) / tl.minimum(tl.maximum(V - first, 1), BLOCK_V).to(tl.float32)
+    sums = tl.zeros([BLOCK_V, BLOCK_C], dtype=tl.float32)
+    squares = tl.zeros([BLOCK_V, BLOCK_C], dtype=tl.float32)
     for step in range(steps):
-        start = first + step * BLOCK_V
-        voxels = start + tl.arange(0, BLOCK_V)
-        mask = (voxels < V)[:, None] & channel_ok[None, :]
-        x = tl.load(x_base + _tile_offsets(voxels, channels, sxc, sxv, VSTRIDE), mask=mask, other=0.0)
+        voxels = first + step * BLOCK_V + tl.arange(0, BLOCK_V)
+        valid = (voxels < V)[:, None]
+        x = tl.load(x_base + _tile_offsets(voxels, channels, sxc, sxv, VSTRIDE), mask=valid, other=0.0)
         x = x.to(tl.float32)
         if HAS_BIAS:
             # the conv's bias add, rounded to x's dtype as the separate in-place add was
-            x = tl.where(mask, (x + bias[None, :]).to(x_ptr.dtype.element_ty).to(tl.float32), 0.0)
-        count = tl.minimum(tl.maximum(V - start, 0), BLOCK_V).to(tl.float32)
-        mean = tl.sum(x, axis=0) / tl.maximum(count, 1.0)
-        centred = tl.where(mask, x - mean[None, :], 0.0)
-        m2 = tl.sum(centred * centred, axis=0)
-        # merge (count, mean, m2) of this tile into the program's running statistics
-        total = count_all + count
-        weight = count / tl.maximum(total, 1.0)
-        delta = mean - mean_all
-        mean_all += delta * weight
-        m2_all += m2 + delta * delta * (count_all * weight)
-        count_all = total
+            x = (x + bias[None, :]).to(x_ptr.dtype.element_ty).to(tl.float32)
+        centred = tl.where(valid, x - shift[None, :], 0.0)
+        sums += centred
+        squares += centred * centred
+    count = tl.minimum(tl.maximum(V - first, 0), steps * BLOCK_V).to(tl.float32)
+    total = tl.sum(sums, axis=0)
+    mean = shift + total / count
+    m2 = tl.maximum(tl.sum(squares, axis=0) - total * (total / count), 0.0)
     row = (b * P + program) * C
-    tl.store(mean_ptr + row + channels, mean_all, mask=channel_ok)
-    tl.store(m2_ptr + row + channels, m2_all, mask=channel_ok)
+    tl.store(mean_ptr + row + channels, mean)
+    tl.store(m2_ptr + row + channels, m2)
 
 
 @triton.jit
@@ -144,16 +146,15 @@ def _apply(x_ptr, bias_ptr, out_ptr, scale_ptr, shift_ptr, V, C, sxb, sxc, sxv, 
     channel_block = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     voxels = tile * BLOCK_V + tl.arange(0, BLOCK_V)
-    channels = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)
-    channel_ok = channels < C
-    mask = (voxels < V)[:, None] & channel_ok[None, :]
+    channels = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)  # BLOCK_C divides C: no channel mask
+    mask = (voxels < V)[:, None]
     x = tl.load(x_ptr + b * sxb + _tile_offsets(voxels, channels, sxc, sxv, XSTRIDE), mask=mask, other=0.0)
     x = x.to(tl.float32)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + channels, mask=channel_ok, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + channels).to(tl.float32)
         x = (x + bias[None, :]).to(x_ptr.dtype.element_ty).to(tl.float32)
-    scale = tl.load(scale_ptr + b * C + channels, mask=channel_ok, other=0.0)
-    shift = tl.load(shift_ptr + b * C + channels, mask=channel_ok, other=0.0)
+    scale = tl.load(scale_ptr + b * C + channels)
+    shift = tl.load(shift_ptr + b * C + channels)
     y = (x * scale[None, :] + shift[None, :]).to(out_ptr.dtype.element_ty)
     if SILU:
         yf = y.to(tl.float32)
@@ -196,8 +197,10 @@ def _interpreted() -> bool:
 
 
 def _tiles(channels: int) -> tuple[int, int]:
-    """(voxels, channels) per tile of the statistics and apply kernels."""
-    block_c = min(triton.next_power_of_2(channels), 64)
+    """(voxels, channels) per tile of the statistics, apply and copy kernels. The channel block is a
+    power of two that divides ``channels`` (40 -> 8): the kernels then need no channel mask, and the
+    loads and stores of a voxel's channels are whole vectors."""
+    block_c = min(channels & -channels, 64)
     # Triton's interpreter (CPU tests) pays per program, not per element: few large programs there
     elements = 1 << 16 if _interpreted() else _TILE_ELEMENTS
     return max(16, elements // block_c), block_c
@@ -206,7 +209,7 @@ def _tiles(channels: int) -> tuple[int, int]:
 def group_norm_silu(x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, eps: float, *, silu: bool,
                     out: Optional[Tensor] = None, pre_bias: Optional[Tensor] = None,
                     block_voxels: Optional[int] = None, block_tiles: Optional[int] = None,
-                    tile_steps: Optional[int] = None) -> Tensor:
+                    tile_steps: Optional[int] = None, stat_programs: Optional[int] = None) -> Tensor:
     """GroupNorm of ``x`` [B, C, D, H, W] (plus ``pre_bias`` [C], see the module notes) with fp32
     statistics, then SiLU when ``silu``.
 
@@ -230,7 +233,7 @@ def group_norm_silu(x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, ep
     block_v, block_c = _tiles(channels)
     block_v = block_voxels or block_v
     tiles = triton.cdiv(voxels, block_v)
-    steps = tile_steps or triton.cdiv(tiles, 4 if _interpreted() else _STAT_PROGRAMS)
+    steps = tile_steps or triton.cdiv(tiles, 4 if _interpreted() else stat_programs or _STAT_PROGRAMS)
     programs = triton.cdiv(tiles, steps)
     channel_blocks = triton.cdiv(channels, block_c)
     x_packed, out_packed = _packed_stride(x, in_stride), _packed_stride(out, out_stride)
@@ -346,12 +349,11 @@ def _copy_channels(src_ptr, bias_ptr, dst_ptr, V, C, ssb, ssc, ssv, sdb, sdc, sd
     channel_block = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     voxels = tile * BLOCK_V + tl.arange(0, BLOCK_V)
-    channels = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)
-    channel_ok = channels < C
-    mask = (voxels < V)[:, None] & channel_ok[None, :]
+    channels = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)  # BLOCK_C divides C: no channel mask
+    mask = (voxels < V)[:, None]
     x = tl.load(src_ptr + b * ssb + _tile_offsets(voxels, channels, ssc, ssv, SSTRIDE), mask=mask, other=0.0)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + channels, mask=channel_ok, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + channels).to(tl.float32)
         x = x.to(tl.float32) + bias[None, :]
     tl.store(dst_ptr + b * sdb + _tile_offsets(voxels, channels, sdc, sdv, DSTRIDE),
              x.to(dst_ptr.dtype.element_ty), mask=mask)
