@@ -102,20 +102,38 @@ def block_sorted(coords3: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------ timing
 class Timer:
-    def __init__(self, device):
+    """Wall time and peak memory of each stage. With `step_times`, the sampler's progress callback
+    synchronises after every step and the note gives the first three steps (eager warm-up, the
+    checked eager call, the CUDA-graph capture) and the median of the replayed ones."""
+
+    def __init__(self, device, step_times=False):
         self.device, self.rows = torch.device(device), []
+        self.step_times = step_times
+        self.marks: list[float] = []
+
+    def on_step(self, progress):
+        if progress.step > 0:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.marks.append(time.perf_counter())
 
     def __call__(self, name, fn, *, steps=None, note=""):
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+        self.marks = []
         start = time.perf_counter()
         out = fn()
         if cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+        if self.step_times and len(self.marks) > 3:
+            durations = [1e3 * (b - a) for a, b in zip([start] + self.marks, self.marks)]
+            rest = sorted(durations[3:])
+            note += (f"; step ms: first {durations[0]:.0f} (with setup), {durations[1]:.0f}, "
+                     f"{durations[2]:.0f}, then median {rest[len(rest) // 2]:.1f}")
         self.rows.append((name, seconds, steps, peak, note))
         return out
 
@@ -147,10 +165,10 @@ def build_pipeline(version, device, dtype, tiny, memory_mode="resident"):
     return Direct3DS2Pipeline(loaded, device=device, dtype=dtype, memory_mode=memory_mode)
 
 
-def run_shape(pipe: Direct3DS2Pipeline, shape: str, resolutions, steps, device):
-    timer = Timer(device)
+def run_shape(pipe: Direct3DS2Pipeline, shape: str, resolutions, steps, device, step_times=False):
+    timer = Timer(device, step_times)
     sdf_fn = SHAPES[shape]
-    clock = _StageClock(torch.device(device), None, None)
+    clock = _StageClock(torch.device(device), timer.on_step if step_times else None, None)
     settings = GenerationSettings(dense_steps=steps[0], sparse_512_steps=steps[1], sparse_1024_steps=steps[2])
     generator = make_generator(0, device)
     image = torch.rand(4, 518, 518)
@@ -229,6 +247,8 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true", help="tiny models (smoke test of this script)")
     parser.add_argument("--memory-mode", default="resident", choices=["resident", "sequential"])
     parser.add_argument("--no-cuda-graphs", action="store_true", help="run the sampler steps eagerly")
+    parser.add_argument("--step-times", action="store_true",
+                        help="synchronise after every sampler step and report per-step times")
     args = parser.parse_args(argv)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     if args.device.startswith("cuda"):
@@ -244,7 +264,7 @@ def main(argv=None):
     print(f"# resident weights: {weights:.2f} GiB")
     for shape in args.shapes:
         run_shape(pipe, shape, args.resolution, args.steps, args.device)  # warm-up (compilation, autotune)
-        rows = run_shape(pipe, shape, args.resolution, args.steps, args.device)
+        rows = run_shape(pipe, shape, args.resolution, args.steps, args.device, args.step_times)
         print(f"\n## shape: {shape}\n")
         print("| stage | seconds | steps/s | peak GiB | note |")
         print("| --- | ---: | ---: | ---: | --- |")
