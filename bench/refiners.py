@@ -180,6 +180,26 @@ def kernel_sweep():
         print(f"| {name} | {t:.3f} | {nbytes / t / 1e6:.0f} |")
 
     print("\n| kernel (tile) | ms | GB/s |\n| --- | ---: | ---: |")
+    import torch.nn.functional as F
+
+    import engine.kernels.conv3d as conv
+    for size, cin, cout in ((192, 8, 8), (192, 16, 8), (192, 8, 27), (192, 1, 8), (256, 8, 8), (256, 16, 8),
+                            (256, 8, 1)):
+        voxels = size ** 3
+        x = torch.randn(1, cin, size, size, size, device=device, dtype=half).contiguous(memory_format=cl)
+        w = (torch.randn(cout, cin, 3, 3, 3, device=device, dtype=half) / 10).contiguous(memory_format=cl)
+        nbytes = 2 * voxels * (cin + cout)
+        report(f"cuDNN conv {cin}->{cout} at {size}^3", lambda: F.conv3d(x, w, None, 1, 1), nbytes)
+        reference = F.conv3d(x, w, None, 1, 1)
+        for tile in ((2, 4, 16), (1, 4, 32), (2, 4, 32), (1, 8, 16)):
+            for warps in (4, 8):
+                conv._TAPS_WARPS = warps
+                out = conv.conv3d_3x3x3(x, w, None, tile=tile)
+                error = float((out.float() - reference.float()).abs().max())
+                report(f"tap-group conv {cin}->{cout} at {size}^3 ({tile}, {warps} warps, max diff {error:.1e})",
+                       lambda: conv.conv3d_3x3x3(x, w, None, tile=tile), nbytes)
+        conv._TAPS_WARPS = 4
+        del x, w, out, reference
     size = 192
     voxels = size ** 3
     x = torch.randn(1, 8, size, size, size, device=device, dtype=half).contiguous(memory_format=cl)
@@ -229,6 +249,8 @@ def configurations(args):
                ("+ per-shape faster of cuDNN / Triton narrow convs ('tuned')", "auto", "tuned", True)]
     if args.default_only:
         configs = configs[:1]
+    elif args.configs:
+        configs = [c for c, key in zip(configs, ("default", "triton", "tuned")) if key in args.configs]
     if args.compare:
         configs.append(("PyTorch norms + filters, cuDNN convs, contiguous (before)", "torch", "torch", False))
     return configs
@@ -248,6 +270,8 @@ def main(argv=None):
     parser.add_argument("--rows", type=int, default=12, help="kernels listed per --profile table")
     parser.add_argument("--kernels", action="store_true",
                         help="only time the Triton kernels alone at full size, with a few tile choices")
+    parser.add_argument("--configs", nargs="*", choices=["default", "triton", "tuned"],
+                        help="which of the fast-path configurations to time (default: all)")
     parser.add_argument("--default-only", action="store_true",
                         help="time only the default configuration (and --compare's)")
     parser.add_argument("--save", metavar="PATH",

@@ -71,6 +71,51 @@ def _conv3_kernel(x_ptr, w_ptr, b_ptr, out_ptr, D, H, W,
              mask=valid[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _conv3_taps_kernel(x_ptr, w_ptr, out_ptr, D, H, W, tiles_h, tiles_w, sxb, sob,
+                       CIN: tl.constexpr, COUT: tl.constexpr, NP: tl.constexpr, KG: tl.constexpr,
+                       GROUPS: tl.constexpr, TD: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
+    """Channels-innermost input and output (voxel strides CIN and COUT, 32-bit offsets). A program
+    takes a TD x TH x TW box of voxels; the 27 x CIN im2col columns are taken KG at a time (KG / CIN
+    whole taps, zero beyond tap 26), each group one tl.dot with its [KG, NP] slice of the packed weight
+    (rows tap * CIN + ci). Each tap's CIN channels are one vector load."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    tile_w = pid % tiles_w
+    rest = pid // tiles_w
+    tile_h = rest % tiles_h
+    tile_d = rest // tiles_h
+    r = tl.arange(0, TD * TH * TW)
+    wi = tile_w * TW + r % TW
+    hi = tile_h * TH + (r // TW) % TH
+    di = tile_d * TD + r // (TW * TH)
+    valid = (di < D) & (hi < H) & (wi < W)
+    plane = H * W
+    voxel = (di * H + hi) * W + wi
+    column = tl.arange(0, KG)
+    channel = column % CIN
+    outputs = tl.arange(0, NP)
+    x_base = x_ptr + b * sxb
+    acc = tl.zeros([TD * TH * TW, NP], dtype=tl.float32)
+    for group in tl.static_range(GROUPS):
+        tap = group * (KG // CIN) + column // CIN
+        dd = tap // 9 - 1
+        dh = (tap // 3) % 3 - 1
+        dw = tap % 3 - 1
+        nd = di[:, None] + dd[None, :]
+        nh = hi[:, None] + dh[None, :]
+        nw = wi[:, None] + dw[None, :]
+        inside = valid[:, None] & (tap < 27)[None, :] & (nd >= 0) & (nd < D) & (nh >= 0) & (nh < H) \
+            & (nw >= 0) & (nw < W)
+        shift = (dd * plane + dh * W + dw) * CIN + channel
+        x = tl.load(x_base + voxel[:, None] * CIN + shift[None, :], mask=inside, other=0.0)
+        w = tl.load(w_ptr + (group * KG + column)[:, None] * NP + outputs[None, :])
+        acc = tl.dot(x, w, acc)
+    out_mask = valid[:, None] & (outputs < COUT)[None, :]
+    tl.store(out_ptr + b * sob + voxel[:, None] * COUT + outputs[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=out_mask)
+
+
 def channels_last_strides(t: Tensor) -> bool:
     """Whether a 5D tensor's strides order its dims as channels_last_3d (N, D, H, W, C from outer to
     inner), judged as PyTorch's suggest_memory_format does, so one-channel tensors converted to
@@ -93,10 +138,49 @@ def _output_layout(x: Tensor, weight: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+_TAPS_TILE = (2, 4, 16)
+_TAPS_WARPS = 4
+
+
+def _taps_kernel_fits(x: Tensor, out: Tensor) -> bool:
+    """Whether the tap-group kernel takes this convolution: fp16 / bf16, channels innermost in input
+    and output, 1..32 input channels in a power of two, 32-bit offsets."""
+    cin, cout = x.shape[1], out.shape[1]
+    if x.dtype not in (torch.float16, torch.bfloat16) or cin & (cin - 1) or cin > 32 or cout > 32:
+        return False
+    voxels = x[0, 0].numel()
+    dense = all((t.shape[1] == 1 or t.stride(1) == 1) and t.stride(2) == t.shape[1] * t.shape[3] * t.shape[4]
+                and t.stride(3) == t.shape[1] * t.shape[4] and t.stride(4) == t.shape[1] for t in (x, out))
+    return dense and (voxels + 2 * x.shape[3] * x.shape[4]) * max(cin, cout) < 2 ** 31 - 1
+
+
+def _conv_by_tap_groups(x: Tensor, weight: Tensor, out: Tensor, tile: Optional[tuple]) -> None:
+    batch, cin, depth, height, width = x.shape
+    cout = weight.shape[0]
+    # columns per dot: whole taps, at least 16 (the dot's minimum) and at most 64
+    group = max(16, min(64, triton.next_power_of_2(27 * cin) // 2 if cin == 1 else 64 // cin * cin))
+    groups = triton.cdiv(27 * cin, group)
+    n_pad = max(16, triton.next_power_of_2(cout))
+    # packed weight: row tap * cin + ci, column co (zero rows past tap 26, zero columns past cout)
+    packed = torch.zeros(groups * group, n_pad, dtype=x.dtype, device=x.device)
+    packed[:27 * cin, :cout] = weight.permute(2, 3, 4, 1, 0).reshape(27 * cin, cout)
+    td, th, tw = tile or ((2, 4, 8) if os.environ.get("TRITON_INTERPRET") == "1" else _TAPS_TILE)
+    tiles_d, tiles_h, tiles_w = triton.cdiv(depth, td), triton.cdiv(height, th), triton.cdiv(width, tw)
+    _conv3_taps_kernel[(tiles_d * tiles_h * tiles_w, batch)](
+        x, packed, out, depth, height, width, tiles_h, tiles_w, x.stride(0), out.stride(0),
+        CIN=cin, COUT=cout, NP=n_pad, KG=group, GROUPS=groups, TD=td, TH=th, TW=tw, num_warps=_TAPS_WARPS)
+
+
 def conv3d_3x3x3(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
-                 block_voxels: Optional[int] = None) -> Tensor:
+                 block_voxels: Optional[int] = None, tile: Optional[tuple] = None) -> Tensor:
     """``F.conv3d(x, weight, bias, padding=1)`` for ``weight`` [Cout, Cin, 3, 3, 3] with
-    Cin <= 64 and Cout <= 32; ``x`` [B, Cin, D, H, W] of the weight's dtype."""
+    Cin <= 64 and Cout <= 32; ``x`` [B, Cin, D, H, W] of the weight's dtype.
+
+    Low-precision channels_last_3d inputs with 1, 2, 4, .., 32 channels go to the tap-group kernel
+    (``tile``: its (depth, height, width) box); the rest (and any call with ``block_voxels``) to the
+    per-tap kernel. With a bias, the tap-group path rounds the convolution first and then the bias
+    add, as cuDNN plus ATen's separate ``add_`` do.
+    """
     if x.dim() != 5 or weight.dim() != 5 or tuple(weight.shape[2:]) != (3, 3, 3):
         raise ValueError(f"expected x [B, C, D, H, W] and weight [Cout, Cin, 3, 3, 3], got "
                          f"{tuple(x.shape)} and {tuple(weight.shape)}")
@@ -110,6 +194,12 @@ def conv3d_3x3x3(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     out = torch.empty((batch, out_channels, depth, height, width), dtype=x.dtype, device=x.device,
                       memory_format=_output_layout(x, weight))
     if out.numel() == 0:
+        return out
+    if _taps_kernel_fits(x, out) and (tile is not None or block_voxels is None):
+        _conv_by_tap_groups(x, weight, out, tile)
+        if bias is not None:
+            from engine.kernels.group_norm import bias_residual_
+            bias_residual_(out, bias)  # rounded as ATen's add_ after cuDNN
         return out
     k_pad = max(16, triton.next_power_of_2(in_channels))
     n_pad = max(16, triton.next_power_of_2(out_channels))

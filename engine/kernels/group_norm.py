@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["group_norm_silu", "voxel_stride", "bias_residual_", "copy_channels_"]
+__all__ = ["group_norm_silu", "voxel_stride", "bias_residual_", "copy_channels_", "join_channels_"]
 
 # tiles of 4096 elements with 8 warps: 60-105 registers on sm_90 (no spills)
 _TILE_ELEMENTS = 4096
@@ -60,8 +60,8 @@ def _tile_offsets(voxels, channels, sxc, sxv, VSTRIDE: tl.constexpr):
 def _partial_stats(x_ptr, bias_ptr, mean_ptr, m2_ptr, V, C, P, steps, sxb, sxc, sxv,
                    VSTRIDE: tl.constexpr, HAS_BIAS: tl.constexpr,
                    BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr):
-    program = tl.program_id(0)
-    channel_block = tl.program_id(1)
+    channel_block = tl.program_id(0)  # fastest: a voxel range's channel blocks run together (L2 sectors)
+    program = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     channels = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)  # BLOCK_C divides C: no channel mask
     x_base = x_ptr + b * sxb
@@ -142,8 +142,8 @@ def _finalize(mean_ptr, m2_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, V, C
 def _apply(x_ptr, bias_ptr, out_ptr, scale_ptr, shift_ptr, V, C, sxb, sxc, sxv, sob, soc, sov,
            SILU: tl.constexpr, HAS_BIAS: tl.constexpr, XSTRIDE: tl.constexpr, OSTRIDE: tl.constexpr,
            BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr):
-    tile = tl.program_id(0)
-    channel_block = tl.program_id(1)
+    channel_block = tl.program_id(0)
+    tile = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     voxels = tile * BLOCK_V + tl.arange(0, BLOCK_V)
     channels = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)  # BLOCK_C divides C: no channel mask
@@ -241,7 +241,7 @@ def group_norm_silu(x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, ep
     bias_arg = pre_bias if has_bias else weight  # any pointer when unused
     means = torch.empty(batch, programs, channels, dtype=torch.float32, device=x.device)
     m2 = torch.empty_like(means)
-    _partial_stats[(programs, channel_blocks, batch)](x, bias_arg, means, m2, voxels, channels, programs, steps,
+    _partial_stats[(channel_blocks, programs, batch)](x, bias_arg, means, m2, voxels, channels, programs, steps,
                                                       x.stride(0), x.stride(1), in_stride,
                                                       VSTRIDE=x_packed, HAS_BIAS=has_bias,
                                                       BLOCK_V=block_v, BLOCK_C=block_c, num_warps=_WARPS)
@@ -255,7 +255,7 @@ def group_norm_silu(x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, ep
     _finalize[(batch, num_groups)](means, m2, weight, bias, scale, shift, voxels, channels, programs,
                                    steps * block_v, float(voxels * per_group), float(eps),
                                    PER_GROUP=per_group, BLOCK_G=block_g, BLOCK_T=block_t)
-    _apply[(tiles, channel_blocks, batch)](x, bias_arg, out, scale, shift, voxels, channels,
+    _apply[(channel_blocks, tiles, batch)](x, bias_arg, out, scale, shift, voxels, channels,
                                            x.stride(0), x.stride(1), in_stride,
                                            out.stride(0), out.stride(1), out_stride,
                                            SILU=silu, HAS_BIAS=has_bias, XSTRIDE=x_packed, OSTRIDE=out_packed,
@@ -345,8 +345,8 @@ def bias_residual_(out: Tensor, bias: Optional[Tensor] = None, residual: Optiona
 def _copy_channels(src_ptr, bias_ptr, dst_ptr, V, C, ssb, ssc, ssv, sdb, sdc, sdv,
                    HAS_BIAS: tl.constexpr, SSTRIDE: tl.constexpr, DSTRIDE: tl.constexpr,
                    BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr):
-    tile = tl.program_id(0)
-    channel_block = tl.program_id(1)
+    channel_block = tl.program_id(0)
+    tile = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     voxels = tile * BLOCK_V + tl.arange(0, BLOCK_V)
     channels = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)  # BLOCK_C divides C: no channel mask
@@ -375,9 +375,68 @@ def copy_channels_(dst: Tensor, src: Tensor, bias: Optional[Tensor] = None) -> T
     batch, channels = src.shape[:2]
     voxels = src[0, 0].numel()
     block_v, block_c = _tiles(channels)
-    _copy_channels[(triton.cdiv(voxels, block_v), triton.cdiv(channels, block_c), batch)](
+    _copy_channels[(triton.cdiv(channels, block_c), triton.cdiv(voxels, block_v), batch)](
         src, bias if bias is not None else src, dst, voxels, channels,
         src.stride(0), src.stride(1), src_stride, dst.stride(0), dst.stride(1), dst_stride,
         HAS_BIAS=bias is not None, SSTRIDE=_packed_stride(src, src_stride), DSTRIDE=_packed_stride(dst, dst_stride),
         BLOCK_V=block_v, BLOCK_C=block_c, num_warps=_WARPS)
     return dst
+
+
+@triton.jit
+def _join_channels(a_ptr, bias_ptr, b_ptr, out_ptr, V, sab, sav, sbb, sbv, sob, sov,
+                   CA: tl.constexpr, CB: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   CHUNK: tl.constexpr, BLOCK_V: tl.constexpr):
+    tile = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    voxels = tile * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask = (voxels < V)[:, None]
+    lanes = tl.arange(0, CHUNK)
+    a_base = a_ptr + batch * sab + voxels[:, None] * sav
+    b_base = b_ptr + batch * sbb + voxels[:, None] * sbv
+    out_base = out_ptr + batch * sob + voxels[:, None] * sov
+    # one program writes whole voxel rows of the output (full L2 sectors), chunk by chunk
+    for k in tl.static_range(CA // CHUNK):
+        channels = k * CHUNK + lanes
+        x = tl.load(a_base + channels[None, :], mask=mask, other=0.0)
+        if HAS_BIAS:
+            x = x.to(tl.float32) + tl.load(bias_ptr + channels).to(tl.float32)[None, :]
+        tl.store(out_base + channels[None, :], x.to(out_ptr.dtype.element_ty), mask=mask)
+    for k in tl.static_range(CB // CHUNK):
+        channels = k * CHUNK + lanes
+        x = tl.load(b_base + channels[None, :], mask=mask, other=0.0)
+        tl.store(out_base + CA + channels[None, :], x.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _channels_inner_stride(x: Tensor) -> int:
+    """The voxel stride of a 5D tensor whose channels are innermost (channel stride 1) and whose
+    batch-entry offsets fit in 32 bits, else 0."""
+    stride = voxel_stride(x)
+    if stride is None or (x.shape[1] > 1 and x.stride(1) != 1):
+        return 0
+    return _packed_stride(x, stride)
+
+
+def join_channels_(out: Tensor, first: Tensor, second: Tensor, first_bias: Optional[Tensor] = None) -> Tensor:
+    """``out = cat([first + first_bias, second], 1)`` (the bias add rounded to ``first``'s dtype, as
+    ``first.add_(bias)``) in one pass, for tensors whose channels are innermost (channels_last_3d and
+    their spatial slices); else two :func:`copy_channels_` passes."""
+    ca, cb = first.shape[1], second.shape[1]
+    if out.shape[1] != ca + cb or out.shape[2:] != first.shape[2:] or first.shape[2:] != second.shape[2:] \
+            or out.shape[0] != first.shape[0] or first.shape[0] != second.shape[0]:
+        raise ValueError(f"cannot join {tuple(first.shape)} and {tuple(second.shape)} into {tuple(out.shape)}")
+    if first_bias is not None and first.dtype != out.dtype:
+        raise ValueError("a biased first part needs out's dtype")
+    strides = [_channels_inner_stride(t) for t in (first, second, out)]
+    chunk = min(64, ca & -ca, cb & -cb)
+    if 0 in strides or out.numel() == 0:
+        copy_channels_(out[:, :ca], first, first_bias)
+        copy_channels_(out[:, ca:], second)
+        return out
+    voxels = first[0, 0].numel()
+    block_v = max(16, (1 << 14 if _interpreted() else _TILE_ELEMENTS) // chunk)
+    _join_channels[(triton.cdiv(voxels, block_v), first.shape[0])](
+        first, first_bias if first_bias is not None else first, second, out, voxels,
+        first.stride(0), strides[0], second.stride(0), strides[1], out.stride(0), strides[2],
+        CA=ca, CB=cb, HAS_BIAS=first_bias is not None, CHUNK=chunk, BLOCK_V=block_v, num_warps=_WARPS)
+    return out

@@ -164,6 +164,8 @@ class Conv3x3x3(nn.Conv3d):
             import engine.kernels.conv3d as kernel  # imported here: tests reload it under the interpreter
             if self.in_channels <= kernel.MAX_IN_CHANNELS and self.out_channels <= kernel.MAX_OUT_CHANNELS:
                 if _REFINER_CONVS.value == "triton" or self._tuned_choice(x, kernel) == "triton":
+                    if self.bias is not None and _triton_kernels(x) is not None:
+                        return kernel.conv3d_3x3x3(x, self.weight, None), self.bias
                     return kernel.conv3d_3x3x3(x, self.weight, self.bias), None
         if self.bias is not None and _REFINER_CONVS.value == "torch" and x.dim() == 5 \
                 and _triton_kernels(x) is not None:
@@ -175,9 +177,10 @@ class Conv3x3x3(nn.Conv3d):
                kernel.channels_last_strides(x), kernel.channels_last_strides(self.weight))
         choice = _tuned_conv_choices.get(key)
         if choice is None:
-            torch_time = _seconds_per_call(lambda: super(Conv3x3x3, self).forward(x), x.device)
+            # both without the bias, which the fast path leaves to the next pass in either case
+            torch_time = _seconds_per_call(lambda: F.conv3d(x, self.weight, None, 1, 1), x.device)
             try:
-                triton_time = _seconds_per_call(lambda: kernel.conv3d_3x3x3(x, self.weight, self.bias), x.device)
+                triton_time = _seconds_per_call(lambda: kernel.conv3d_3x3x3(x, self.weight, None), x.device)
             except Exception:  # no usable Triton here (compiler, architecture): keep torch for this shape
                 triton_time = float("inf")
             choice = "triton" if triton_time < torch_time else "torch"
@@ -350,17 +353,21 @@ class Upsample3D(nn.Module):
         per_slice = batch * out_channels * 2 * out_size[1] * out_size[2]
         step = max(1, slab_elements // per_slice)
         conv = self.conv
-        # with the Triton kernels the bias is added while copying each slab into place (one pass)
-        fused = conv.bias is not None and _triton_kernels(x) is not None
+        kernels = _triton_kernels(x)
         for x0 in range(0, x.shape[2], step):
-            target = joined[:, :out_channels, 2 * x0:2 * (x0 + step)]
-            if fused:
+            rows = slice(2 * x0, 2 * (x0 + step))
+            if kernels is not None and skip.dtype == joined.dtype:
+                # the bias is added while the slab and its skip rows are written in place (one pass)
                 slab = F.conv_transpose3d(x[:, :, x0:x0 + step], conv.weight, None, conv.stride, conv.padding,
                                           conv.output_padding, conv.groups, conv.dilation)
-                copy_channels_(target, slab, conv.bias)
+                if _run_triton(kernels.norm.join_channels_, joined[:, :, rows], slab, skip[:, :, rows],
+                               conv.bias) is not None:
+                    continue
+                joined[:, :out_channels, rows] = slab if conv.bias is None else slab.add_(
+                    conv.bias.view(1, -1, 1, 1, 1))
             else:
-                target.copy_(conv(x[:, :, x0:x0 + step]))
-        copy_channels_(joined[:, out_channels:], skip)
+                joined[:, :out_channels, rows] = conv(x[:, :, x0:x0 + step])
+            joined[:, out_channels:, rows] = skip[:, :, rows]
         return joined
 
 
@@ -383,6 +390,9 @@ def join_channels(first: Tensor, second: Tensor) -> Tensor:
         return torch.cat([first, second], dim=1)
     joined = torch.empty(first.shape[0], first.shape[1] + second.shape[1], *first.shape[2:], dtype=first.dtype,
                          device=first.device, memory_format=_memory_format_of(first))
+    if second.dtype == first.dtype and _run_triton(_triton_kernels(first).norm.join_channels_, joined, first,
+                                                   second) is not None:
+        return joined
     copy_channels_(joined[:, :first.shape[1]], first)
     copy_channels_(joined[:, first.shape[1]:], second)
     return joined

@@ -348,6 +348,29 @@ def test_conv_kernel_matches_conv3d(cin, cout, channels_last, bias):
     _assert_one_rounding(out, expected, atol=1e-4)
 
 
+@pytest.mark.parametrize("cin, cout, tile", [
+    (8, 8, (2, 2, 4)), (16, 8, (1, 4, 4)), (1, 8, (2, 2, 4)), (8, 27, (2, 2, 8)), (32, 16, (1, 2, 8))])
+def test_tap_group_conv_kernel_matches_conv3d(cin, cout, tile):
+    dtype = torch.float16
+    gen = torch.Generator().manual_seed(12)
+    x = (torch.randn(2, cin, 5, 6, 7, generator=gen).to(dtype)).contiguous(memory_format=CL).to(DEVICE)
+    # channels_last weights as in the refiners (so a 1-channel input still gives a channels_last output)
+    weight = (torch.randn(cout, cin, 3, 3, 3, generator=gen) / (3 * cin ** 0.5)).to(dtype)
+    weight = weight.contiguous(memory_format=CL).to(DEVICE)
+    b = torch.randn(cout, generator=gen).to(dtype).to(DEVICE)
+    assert conv_kernels._taps_kernel_fits(x, x[:, :1].expand(2, cout, 5, 6, 7).contiguous(memory_format=CL))
+    out = conv_kernels.conv3d_3x3x3(x, weight, None, tile=tile)  # boxes with ragged edges
+    assert out.shape == (2, cout, 5, 6, 7) and (cin == 1 or out.is_contiguous(memory_format=CL))
+    exact = F.conv3d(x.double(), weight.double(), None, padding=1)
+    _assert_one_rounding(out, exact.to(dtype), atol=1e-3)
+    # with a bias: the convolution rounded, then the bias add rounded (cuDNN + ATen's add_)
+    biased = conv_kernels.conv3d_3x3x3(x, weight, b, tile=tile)
+    if conv_kernels._taps_kernel_fits(x, out):  # (a 1-channel input may give a contiguous output: old kernel)
+        assert torch.equal(biased, out + b.view(1, cout, 1, 1, 1))
+    else:
+        _assert_one_rounding(biased, (exact + b.double().view(1, cout, 1, 1, 1)).to(dtype), atol=1e-3)
+
+
 def test_conv_kernel_output_layout_follows_cudnn_rule():
     """channels_last_3d out when the input or the weight is channels_last_3d by its strides, also for
     one-channel tensors (which are plain contiguous as well), so the layout survives a 1-channel conv_in."""
@@ -501,6 +524,8 @@ build(group_norm._apply, dict(x_ptr=half, bias_ptr=half, out_ptr=half, scale_ptr
       dict(SILU=True, HAS_BIAS=True, XSTRIDE=8, OSTRIDE=8, BLOCK_V=512, BLOCK_C=8), 8)
 build(group_norm._bias_residual, dict(out_ptr=half, bias_ptr=half, res_ptr=half, res_bias_ptr=half),
       dict(C=8, CHANNELS_INNER=True, HAS_BIAS=True, HAS_RES=True, HAS_RES_BIAS=True, WIDE=False, BLOCK=2048), 4)
+build(conv3d._conv3_taps_kernel, dict(x_ptr=half, w_ptr=half, out_ptr=half),
+      dict(CIN=8, COUT=8, NP=16, KG=64, GROUPS=4, TD=2, TH=4, TW=16), 4)
 build(conv3d._conv3_kernel, dict(x_ptr=half, w_ptr=half, b_ptr=half, out_ptr=half),
       dict(CIN=40, COUT=8, KP=64, NP=16, HAS_BIAS=True, IEEE=False, BLOCK_V=128), 4)
 """
@@ -521,5 +546,6 @@ def test_kernels_compile_for_sm90():
     if done.returncode != 0 and "ptxas" in done.stderr and "not found" in done.stderr.lower():
         pytest.skip("Triton's ptxas is not available")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("compiled") == 7
+    assert done.stdout.count("compiled") == 8
+    assert "_conv3_taps_kernel True compiled" in done.stdout
     assert "_conv3_kernel True compiled" in done.stdout  # the conv runs on tensor cores
