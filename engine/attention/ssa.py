@@ -362,6 +362,20 @@ def _triton_module():
     return _TRITON_OPS[0]
 
 
+_GATED_SUM: list = []  # memo: [engine.kernels.modulation.gated_branch_sum or None]
+
+
+def _gated_sum_kernel():
+    """The one-pass Triton gated sum of the three branches, or None without Triton."""
+    if not _GATED_SUM:
+        try:
+            from engine.kernels.modulation import gated_branch_sum
+        except Exception:  # no Triton
+            gated_branch_sum = None
+        _GATED_SUM.append(gated_branch_sum)
+    return _GATED_SUM[0]
+
+
 class _TorchOps:
     compressed_attention = staticmethod(compressed_attention)
     select_blocks = staticmethod(select_blocks)
@@ -396,6 +410,19 @@ def _side_by_side(tensor: Tensor, row_ranges: list[slice]) -> Tensor:
     if len(row_ranges) == 1:
         return tensor[row_ranges[0]]
     return torch.cat([tensor[rows] for rows in row_ranges], dim=1)
+
+
+def _element_view(tensor: Tensor, row_ranges: list[slice]) -> Tensor | None:
+    """The rows of m batch elements with as many rows each and evenly spaced starts as one strided
+    view [n, m, H, D] of `tensor` [N, H, D] (no copy; the Triton kernels' element layout); None if
+    the starts are not evenly spaced."""
+    first, n = row_ranges[0].start, row_ranges[0].stop - row_ranges[0].start
+    step = row_ranges[1].start - first if len(row_ranges) > 1 else n
+    if any(r.start != first + j * step or r.stop - r.start != n for j, r in enumerate(row_ranges)):
+        return None
+    size = (n, len(row_ranges)) + tuple(tensor.shape[1:])
+    stride = (tensor.stride(0), step * tensor.stride(0)) + tuple(tensor.stride()[1:])
+    return tensor.as_strided(size, stride, tensor.storage_offset() + first * tensor.stride(0))
 
 
 # ============================================================================ modules
@@ -542,11 +569,14 @@ class SpatialSparseAttention(nn.Module):
         triton_ops = ops is not _TorchOps
         partition = window_partition(voxels, self.window_size, self.shift_window)
         windowed = getattr(ops, "windowed_attention", windowed_attention)(q, k, v, partition)
-        gates = self.gate[1](gate_logits[:, :3]).unsqueeze(-1).unsqueeze(-1)  # sigmoid: [N, 3, 1, 1]
         # gated sum written per batch-element group straight from the kernels' outputs (no copies back);
         # with autograd on, the same sum out of place, per element, concatenated in row order
         mixed = torch.empty_like(q)
         differentiable = torch.is_grad_enabled() and (x.requires_grad or self.gate[0].weight.requires_grad)
+        gated_branch_sum = _gated_sum_kernel() if x.is_cuda and not differentiable else None
+        fused_sum = gated_branch_sum is not None
+        if not fused_sum:
+            gates = self.gate[1](gate_logits[:, :3]).unsqueeze(-1).unsqueeze(-1)  # sigmoid: [N, 3, 1, 1]
         pieces: dict[int, Tensor] = {}
 
         injected = [block_topk] if isinstance(block_topk, Tensor) else block_topk
@@ -561,8 +591,15 @@ class SpatialSparseAttention(nn.Module):
             # keeps every query head on its own element's KV head, so this is exact.
             token_rows = [layout.elements[e].token_rows for e in members]
             comp_rows = [layout.elements[e].comp_rows for e in members]
-            q_m, k_m, v_m = (_side_by_side(t, token_rows) for t in (q, k, v))
-            ck_m, cv_m = _side_by_side(ck, comp_rows), _side_by_side(cv, comp_rows)
+            views = None
+            if len(members) > 1 and getattr(ops, "ELEMENT_VIEWS", False):   # kernels read the rows in place
+                views = [_element_view(t, token_rows) for t in (q, k, v)] + \
+                        [_element_view(t, comp_rows) for t in (ck, cv)]
+                views = None if any(t is None for t in views) else views
+            if views is None:
+                views = [_side_by_side(t, token_rows) for t in (q, k, v)] + \
+                        [_side_by_side(t, comp_rows) for t in (ck, cv)]
+            q_m, k_m, v_m, ck_m, cv_m = views
             out_m, lse_m = ops.compressed_attention(q_m, ck_m, cv_m)
             given = [None if injected is None else injected[e] for e in members]
             if any(g is None for g in given):
@@ -576,18 +613,26 @@ class SpatialSparseAttention(nn.Module):
                     extra["members"] = member_table
                 natural = ops.select_blocks(q_m, ck_m, lse_m, blocks.comp_block_ids, blocks.num_blocks, self.topk,
                                             **extra)
+                combined = natural if all(g is None for g in given) else None
                 natural = natural.split(hkv, dim=0)
                 given = [natural[j] if g is None else g for j, g in enumerate(given)]
+            else:
+                combined = None
             given = [g.to(device=x.device, dtype=torch.int32) for g in given]
-            sel_m = ops.selection_attention(q_m, k_m, v_m, given[0] if len(given) == 1 else torch.cat(given, dim=0),
-                                            blocks.block_offsets)
+            if combined is None:
+                combined = given[0] if len(given) == 1 else torch.cat(given, dim=0)
+            sel_m = ops.selection_attention(q_m, k_m, v_m, combined, blocks.block_offsets)
             for j, (element, rows) in enumerate(zip(members, token_rows)):
                 heads = slice(j * hq, (j + 1) * hq)
-                g = gates[rows]
                 if differentiable:
+                    g = gates[rows]
                     pieces[rows.start] = (out_m[:, heads] * g[:, 0] + sel_m[:, heads] * g[:, 1]
                                           + windowed[rows] * g[:, 2])
+                elif fused_sum:   # one pass, same roundings as below
+                    gated_branch_sum(out_m[:, heads], sel_m[:, heads], windowed[rows], gate_logits[rows],
+                                     out=mixed[rows])
                 else:
+                    g = gates[rows]
                     target = mixed[rows]
                     torch.mul(out_m[:, heads], g[:, 0], out=target)
                     target.addcmul_(sel_m[:, heads], g[:, 1])

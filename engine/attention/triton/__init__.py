@@ -5,7 +5,8 @@
 * `selection_attention(q, k, v, block_topk, block_offsets) -> out`             (selection.py)
 * `windowed_attention(q, k, v, partition) -> out`      (window.py; signature of engine.sparse)
 
-Inputs fp16/bf16 (fp32 accepted), head dim a power of two; accumulation in fp32.
+Inputs fp16/bf16 (fp32 accepted), head dim a power of two; accumulation in fp32. The first three
+also take batch elements side by side as strided views [N, E, H, D] (`ELEMENT_VIEWS`): no copies.
 """
 
 import os as _os
@@ -39,5 +40,7 @@ from .select import block_members, select_blocks  # noqa: E402
 from .selection import selection_attention  # noqa: E402
 from .window import windowed_attention  # noqa: E402
 
-__all__ = ["compressed_attention", "select_blocks", "selection_attention", "block_members",
+ELEMENT_VIEWS = True   # compressed_attention / select_blocks / selection_attention accept [N, E, H, D]
+
+__all__ = ["ELEMENT_VIEWS", "compressed_attention", "select_blocks", "selection_attention", "block_members",
            "windowed_attention"]

@@ -36,8 +36,8 @@ def online_softmax_tile(q, k, v, valid, m_i, l_i, acc, scale_log2):
 
 @triton.jit
 def _compressed_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
-                    n_tokens, n_comp,
-                    sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_n, so_h,
+                    n_tokens, n_comp, hkv_e,
+                    sq_n, sq_h, sq_b, sk_n, sk_h, sk_b, sv_n, sv_h, sv_b, so_n, so_h,
                     scale_log2,
                     G: tl.constexpr, TOKENS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
@@ -48,8 +48,14 @@ def _compressed_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
     head = kv_head * G + rows % G
     row_ok = tok < n_tokens
     dims = tl.arange(0, D)
+    # inputs of batch element `elem` (KV head `local` of it); outputs use the combined heads
+    elem = kv_head // hkv_e
+    local = kv_head - elem * hkv_e
+    q_ptr += elem * sq_b
+    k_ptr += elem * sk_b + local * sk_h
+    v_ptr += elem * sv_b + local * sv_h
 
-    q = tl.load(q_ptr + tok[:, None] * sq_n + head[:, None] * sq_h + dims[None, :],
+    q = tl.load(q_ptr + tok[:, None] * sq_n + (local * G + rows % G)[:, None] * sq_h + dims[None, :],
                 mask=row_ok[:, None], other=0.0)
     m_i = tl.full([M], float("-inf"), tl.float32)
     l_i = tl.zeros([M], tl.float32)
@@ -57,10 +63,8 @@ def _compressed_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
     for start in range(0, n_comp, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < n_comp
-        k = tl.load(k_ptr + cols[:, None] * sk_n + kv_head * sk_h + dims[None, :],
-                    mask=col_ok[:, None], other=0.0)
-        v = tl.load(v_ptr + cols[:, None] * sv_n + kv_head * sv_h + dims[None, :],
-                    mask=col_ok[:, None], other=0.0)
+        k = tl.load(k_ptr + cols[:, None] * sk_n + dims[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_ptr + cols[:, None] * sv_n + dims[None, :], mask=col_ok[:, None], other=0.0)
         # the first tile always holds a valid key, so m_i is finite from then on
         m_i, l_i, acc = online_softmax_tile(q, k, v, col_ok[None, :], m_i, l_i, acc, scale_log2)
     out = acc / l_i[:, None]
@@ -75,28 +79,49 @@ def _last_dim_contiguous(x: Tensor) -> Tensor:
     """Unit stride on the head dim (other strides are passed to the kernels); offsets are 32-bit
     in the kernels, so the addressed extent must stay below 2^31 elements."""
     x = x if x.stride(-1) == 1 else x.contiguous()
-    if x.numel() and (x.shape[0] - 1) * x.stride(0) + x.shape[1] * x.stride(1) >= 2**31:
+    if x.numel() and sum((n - 1) * st for n, st in zip(x.shape, x.stride())) + 1 >= 2**31:
         raise ValueError(f"tensor of shape {tuple(x.shape)} is too large for the SSA kernels' 32-bit offsets")
     return x
 
 
+def _by_element(x: Tensor) -> tuple[Tensor, int, int, int]:
+    """x [N, H, D], or [N, E, H, D] for E batch elements side by side (any strides: e.g. a strided
+    view of each element's rows, no copy), as the kernels read it: (x, E * H, H per element, element
+    stride). Combined head c is head c % H of element c // H."""
+    x = _last_dim_contiguous(x)
+    if x.dim() == 3:
+        return x, x.shape[1], x.shape[1], 0
+    return x, x.shape[1] * x.shape[2], x.shape[2], x.stride(1)
+
+
+def _group(hq: int, hkv: int, hq_e: int, hkv_e: int) -> int:
+    """Query heads per KV head; every element must have the same grouping."""
+    if hq % hkv or hq_e * hkv != hq * hkv_e:
+        raise ValueError(f"{hq} query heads ({hq_e} per element) do not group onto {hkv} KV heads ({hkv_e} per element)")
+    return hq // hkv
+
+
 def compressed_attention(q: Tensor, ck: Tensor, cv: Tensor, *, tokens_per_program: int | None = None,
                          block_n: int = 64, num_warps: int = 4) -> tuple[Tensor, Tensor]:
-    """q [N, Hq, D], ck/cv [Nc, Hkv, D] -> (out [N, Hq, D] in q's dtype, lse fp32 [Hq, N], natural log)."""
-    n_tokens, hq, d = q.shape
-    n_comp, hkv, _ = ck.shape
-    group = hq // hkv
-    q, ck, cv = _last_dim_contiguous(q), _last_dim_contiguous(ck), _last_dim_contiguous(cv)
-    out = torch.empty_like(q)
+    """q [N, Hq, D], ck/cv [Nc, Hkv, D] -> (out [N, Hq, D] in q's dtype, lse fp32 [Hq, N], natural log).
+
+    Also q [N, E, Hq, D], ck/cv [Nc, E, Hkv, D]: E batch elements (same token layout) side by side,
+    read in place -> out [N, E * Hq, D], lse [E * Hq, N] (element e's heads at e * Hq..)."""
+    q, hq, hq_e, sq_b = _by_element(q)
+    ck, hkv, hkv_e, sk_b = _by_element(ck)
+    cv, _, _, sv_b = _by_element(cv)
+    n_tokens, n_comp, d = q.shape[0], ck.shape[0], q.shape[-1]
+    group = _group(hq, hkv, hq_e, hkv_e)
+    out = q.new_empty(n_tokens, hq, d)
     lse = torch.empty(hq, n_tokens, dtype=torch.float32, device=q.device)
     if n_tokens == 0:
         return out, lse
     if tokens_per_program is None:
         tokens_per_program = max(1, 64 // group)          # 64 rows per program
     grid = (triton.cdiv(n_tokens, tokens_per_program), hkv)
-    _compressed_fwd[grid](q, ck, cv, out, lse, n_tokens, n_comp,
-                          q.stride(0), q.stride(1), ck.stride(0), ck.stride(1),
-                          cv.stride(0), cv.stride(1), out.stride(0), out.stride(1),
+    _compressed_fwd[grid](q, ck, cv, out, lse, n_tokens, n_comp, hkv_e,
+                          q.stride(0), q.stride(-2), sq_b, ck.stride(0), ck.stride(-2), sk_b,
+                          cv.stride(0), cv.stride(-2), sv_b, out.stride(0), out.stride(1),
                           LOG2E / math.sqrt(d),
                           G=group, TOKENS=tokens_per_program, D=d, BLOCK_N=block_n, num_warps=num_warps)
     return out, lse

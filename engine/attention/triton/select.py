@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .compressed import LOG2E, _last_dim_contiguous
+from .compressed import LOG2E, _by_element, _group
 
 
 @triton.jit
@@ -109,8 +109,8 @@ def _store_selection(best, out_ptr, toks, n_tokens, topk, W: tl.constexpr):
 
 @triton.jit
 def _select_rows_fwd(q_ptr, k_ptr, lse_ptr, members_ptr, out_ptr,
-                     n_tokens, num_blocks, topk,
-                     sq_n, sq_h, sk_n, sk_h, so_h, so_n,
+                     n_tokens, num_blocks, topk, hkv_e,
+                     sq_n, sq_h, sq_b, sk_n, sk_h, sk_b, so_h, so_n,
                      scale_log2,
                      G: tl.constexpr, TOKENS: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
                      BLOCK_B: tl.constexpr, W: tl.constexpr, REPLACE: tl.constexpr,
@@ -124,7 +124,12 @@ def _select_rows_fwd(q_ptr, k_ptr, lse_ptr, members_ptr, out_ptr,
     head = kv_head * G + rows % G
     row_ok = tok < n_tokens
     dims = tl.arange(0, D)
-    q = tl.load(q_ptr + tok[:, None] * sq_n + head[:, None] * sq_h + dims[None, :],
+    # inputs of batch element `elem` (its KV head `local`); lse and outputs use the combined heads
+    elem = kv_head // hkv_e
+    local = kv_head - elem * hkv_e
+    q_ptr += elem * sq_b
+    k_ptr += elem * sk_b + local * sk_h
+    q = tl.load(q_ptr + tok[:, None] * sq_n + (local * G + rows % G)[:, None] * sq_h + dims[None, :],
                 mask=row_ok[:, None], other=0.0)
     lse2 = tl.load(lse_ptr + head * n_tokens + tok, mask=row_ok, other=0.0) * 1.4426950408889634
 
@@ -134,7 +139,7 @@ def _select_rows_fwd(q_ptr, k_ptr, lse_ptr, members_ptr, out_ptr,
         col_block = b0 + cols // R
         member = tl.load(members_ptr + col_block * R + cols % R, mask=col_block < num_blocks, other=-1)
         col_ok = member >= 0
-        k = tl.load(k_ptr + member[:, None] * sk_n + kv_head * sk_h + dims[None, :],
+        k = tl.load(k_ptr + member[:, None] * sk_n + dims[None, :],
                     mask=col_ok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k)) * scale_log2 - lse2[:, None]
         p = tl.where(col_ok[None, :], tl.exp2(s), 0.0)                          # [M, B*R]
@@ -148,8 +153,8 @@ def _select_rows_fwd(q_ptr, k_ptr, lse_ptr, members_ptr, out_ptr,
 
 @triton.jit
 def _select_heads_fwd(q_ptr, k_ptr, lse_ptr, members_ptr, out_ptr,
-                      n_tokens, num_blocks, topk,
-                      sq_n, sq_h, sk_n, sk_h, so_h, so_n,
+                      n_tokens, num_blocks, topk, hkv_e,
+                      sq_n, sq_h, sq_b, sk_n, sk_h, sk_b, so_h, so_n,
                       scale_log2,
                       G: tl.constexpr, TOKENS: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
                       BLOCK_B: tl.constexpr, W: tl.constexpr, REPLACE: tl.constexpr,
@@ -162,6 +167,10 @@ def _select_heads_fwd(q_ptr, k_ptr, lse_ptr, members_ptr, out_ptr,
     tok_ok = toks < n_tokens
     dims = tl.arange(0, D)
     blocks = tl.arange(0, BLOCK_B)
+    elem = kv_head // hkv_e            # inputs of batch element `elem`, its KV head `local`
+    local = kv_head - elem * hkv_e
+    q_ptr += elem * sq_b
+    k_ptr += elem * sk_b + local * sk_h
     best = _init_best(topk, TOKENS, W, REPLACE)
     for b0 in range(0, num_blocks, BLOCK_B):
         block_ok = b0 + blocks < num_blocks
@@ -169,12 +178,12 @@ def _select_heads_fwd(q_ptr, k_ptr, lse_ptr, members_ptr, out_ptr,
         for r in range(0, R):
             member = tl.load(members_ptr + (b0 + blocks) * R + r, mask=block_ok, other=-1)
             col_ok = member >= 0
-            k = tl.load(k_ptr + member[:, None] * sk_n + kv_head * sk_h + dims[None, :],
+            k = tl.load(k_ptr + member[:, None] * sk_n + dims[None, :],
                         mask=col_ok[:, None], other=0.0)
             part = tl.zeros([TOKENS, BLOCK_B], tl.float32)
             for g in range(0, G):
                 head = kv_head * G + g
-                q = tl.load(q_ptr + toks[:, None] * sq_n + head * sq_h + dims[None, :],
+                q = tl.load(q_ptr + toks[:, None] * sq_n + (local * G + g) * sq_h + dims[None, :],
                             mask=tok_ok[:, None], other=0.0)
                 lse2 = tl.load(lse_ptr + head * n_tokens + toks, mask=tok_ok, other=0.0) * 1.4426950408889634
                 part += tl.exp2(tl.dot(q, tl.trans(k)) * scale_log2 - lse2[:, None])
@@ -216,6 +225,8 @@ def select_blocks(q: Tensor, ck: Tensor, lse: Tensor, comp_block_ids: Tensor, nu
                   tokens_per_program: int | None = None, block_b: int | None = None, num_warps: int = 4,
                   merge: str | None = None) -> Tensor:
     """Top-k selection blocks per (KV head, query): int32 [Hkv, N, topk], ascending, -1 padded.
+    q [N, E, Hq, D] and ck [Nc, E, Hkv, D] (E elements side by side, read in place, lse [E * Hq, N])
+    give [E * Hkv, N, topk].
 
     variant: "rows" (the (token, head) pairs of 4 tokens as product rows, regrouped per token;
     timed on an H100) or "heads" (32-64 tokens per program, one product per head and member
@@ -227,10 +238,10 @@ def select_blocks(q: Tensor, ck: Tensor, lse: Tensor, comp_block_ids: Tensor, nu
     reference at top-32) or "sort" (bitonic networks; needs BLOCK_B >= W).
     Defaults: "extract" up to top-8, "replace" above.
     """
-    n_tokens, hq, d = q.shape
-    hkv = ck.shape[1]
-    group = hq // hkv
-    q, ck = _last_dim_contiguous(q), _last_dim_contiguous(ck)
+    q, hq, hq_e, sq_b = _by_element(q)
+    ck, hkv, hkv_e, sk_b = _by_element(ck)
+    n_tokens, d = q.shape[0], q.shape[-1]
+    group = _group(hq, hkv, hq_e, hkv_e)
     lse = lse.reshape(hq, n_tokens).float().contiguous()
     out = torch.full((hkv, n_tokens, topk), -1, dtype=torch.int32, device=q.device)
     if n_tokens == 0 or num_blocks == 0 or topk == 0:
@@ -264,8 +275,8 @@ def select_blocks(q: Tensor, ck: Tensor, lse: Tensor, comp_block_ids: Tensor, nu
     if merge == "sort" and block_b < w:
         raise ValueError("merge='sort' needs block_b >= the padded topk")
     grid = (triton.cdiv(n_tokens, tokens_per_program), hkv)
-    kernel[grid](q, ck, lse, members, out, n_tokens, num_blocks, topk,
-                 q.stride(0), q.stride(1), ck.stride(0), ck.stride(1), out.stride(0), out.stride(1),
+    kernel[grid](q, ck, lse, members, out, n_tokens, num_blocks, topk, hkv_e,
+                 q.stride(0), q.stride(-2), sq_b, ck.stride(0), ck.stride(-2), sk_b, out.stride(0), out.stride(1),
                  LOG2E / math.sqrt(d),
                  G=group, TOKENS=tokens_per_program, D=d, R=r, BLOCK_B=block_b, W=w,
                  REPLACE=merge == "replace", SORT=merge == "sort", num_warps=num_warps)

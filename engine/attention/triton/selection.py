@@ -23,11 +23,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .compressed import LOG2E, _last_dim_contiguous
+from .compressed import LOG2E, _by_element, _group
 
 @triton.jit
-def _selection_fwd(q_ptr, k_ptr, v_ptr, o_ptr, sel_ptr, offsets_ptr, tab_ptr, n_tokens, topk, n_tiles,
-                   sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_n, so_h, ss_h, ss_n,
+def _selection_fwd(q_ptr, k_ptr, v_ptr, o_ptr, sel_ptr, offsets_ptr, tab_ptr, n_tokens, topk, n_tiles, hkv_e,
+                   sq_n, sq_h, sq_b, sk_n, sk_h, sk_b, sv_n, sv_h, sv_b, so_n, so_h, ss_h, ss_n,
                    scale_log2,
                    G: tl.constexpr, TOKENS: tl.constexpr, D: tl.constexpr, U: tl.constexpr,
                    BLOCK_N: tl.constexpr, TAIL_ONLY: tl.constexpr):
@@ -65,10 +65,13 @@ def _selection_fwd(q_ptr, k_ptr, v_ptr, o_ptr, sel_ptr, offsets_ptr, tab_ptr, n_
     row_ok = tok < n_tokens
     head = kv_head * G + rows % G
     dims = tl.arange(0, D)
-    q = tl.load(q_ptr + tok[:, None] * sq_n + head[:, None] * sq_h + dims[None, :],
+    # inputs of batch element `elem` (its KV head `local`); selections and output: combined heads
+    elem = kv_head // hkv_e
+    local = kv_head - elem * hkv_e
+    q = tl.load(q_ptr + elem * sq_b + tok[:, None] * sq_n + (local * G + rows % G)[:, None] * sq_h + dims[None, :],
                 mask=row_ok[:, None], other=0.0)
-    k_head = k_ptr + kv_head * sk_h
-    v_head = v_ptr + kv_head * sv_h
+    k_head = k_ptr + elem * sk_b + local * sk_h
+    v_head = v_ptr + elem * sv_b + local * sv_h
     # running max of the raw logits; finite start, so rows masked so far keep alpha = 1
     m_i = tl.full([M], -1.0e30, tl.float32)
     l_i = tl.zeros([M], tl.float32)
@@ -108,16 +111,19 @@ def selection_attention(q: Tensor, k: Tensor, v: Tensor, block_topk: Tensor, blo
                         block_n: int = 32, num_warps: int = 4, num_stages: int = 3,
                         tail_only: bool = True) -> Tensor:
     """q [N, Hq, D]; k/v [N, Hkv, D] block-sorted; block_topk [Hkv, N, topk]; block_offsets
-    [num_blocks + 1] -> out [N, Hq, D] in q's dtype. `max_block_len` is accepted for signature parity."""
-    n_tokens, hq, d = q.shape
-    hkv = k.shape[1]
-    group = hq // hkv
-    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
-    out = torch.empty_like(q)
+    [num_blocks + 1] -> out [N, Hq, D] in q's dtype. `max_block_len` is accepted for signature parity.
+    Also q [N, E, Hq, D], k/v [N, E, Hkv, D] (E elements on the same blocks side by side, read in
+    place) with block_topk [E * Hkv, N, topk] -> out [N, E * Hq, D]."""
+    q, hq, hq_e, sq_b = _by_element(q)
+    k, hkv, hkv_e, sk_b = _by_element(k)
+    v, _, _, sv_b = _by_element(v)
+    n_tokens, d = q.shape[0], q.shape[-1]
+    group = _group(hq, hkv, hq_e, hkv_e)
+    out = q.new_empty(n_tokens, hq, d)
     if n_tokens == 0:
         return out
     if tokens_per_program is None:
-        tokens_per_program = max(1, 64 // group)
+        tokens_per_program = max(1, min(16, 64 // group))
     if tokens_per_program > 31:
         raise ValueError("tokens_per_program must be below 32 (int32 token bitmask)")
     topk = block_topk.shape[-1]
@@ -126,9 +132,10 @@ def selection_attention(q: Tensor, k: Tensor, v: Tensor, block_topk: Tensor, blo
     n_tiles = triton.cdiv(n_tokens, tokens_per_program)
     u = triton.next_power_of_2(max(1, tokens_per_program * topk))
     scratch = torch.empty(hkv * n_tiles * 3 * u, dtype=torch.int32, device=q.device)
-    _selection_fwd[(n_tiles, hkv)](q, k, v, out, sel, offsets, scratch, n_tokens, topk, n_tiles,
-                                   q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                                   out.stride(0), out.stride(1), sel.stride(0), sel.stride(1), LOG2E / math.sqrt(d),
+    _selection_fwd[(n_tiles, hkv)](q, k, v, out, sel, offsets, scratch, n_tokens, topk, n_tiles, hkv_e,
+                                   q.stride(0), q.stride(-2), sq_b, k.stride(0), k.stride(-2), sk_b,
+                                   v.stride(0), v.stride(-2), sv_b, out.stride(0), out.stride(1),
+                                   sel.stride(0), sel.stride(1), LOG2E / math.sqrt(d),
                                    G=group, TOKENS=tokens_per_program, D=d, U=u, BLOCK_N=block_n,
                                    TAIL_ONLY=tail_only, num_warps=num_warps, num_stages=num_stages)
     return out

@@ -175,6 +175,79 @@ def test_fewer_blocks_than_topk_and_default_tiles():
         assert close(out, want)
 
 
+def _side_by_side_case(seed: int, m: int = 2):
+    """A case whose q/k/v/ck/cv hold m batch elements' rows one after the other (same coordinates)."""
+    case = make_case(8, 32, 2, seed=seed, keep=0.03)
+    n, nc = case["q"].shape[0], case["ck"].shape[0]
+    g = torch.Generator().manual_seed(seed + 7)
+    for name in ("q", "k", "v", "ck", "cv"):
+        extra = torch.randn((m - 1) * case[name].shape[0], *case[name].shape[1:], generator=g)
+        case[name] = torch.cat([case[name], extra.to(case[name].dtype).to(DEVICE)])
+    return case, [slice(j * n, (j + 1) * n) for j in range(m)], [slice(j * nc, (j + 1) * nc) for j in range(m)]
+
+
+def test_kernels_read_batch_elements_in_place():
+    """[N, E, H, D] strided views of each element's rows give exactly the side-by-side (copied) result."""
+    case, rows, comp_rows = _side_by_side_case(seed=21)
+    views = {name: ref._element_view(case[name], comp_rows if name in ("ck", "cv") else rows)
+             for name in ("q", "k", "v", "ck", "cv")}
+    copies = {name: ref._side_by_side(case[name], comp_rows if name in ("ck", "cv") else rows)
+              for name in ("q", "k", "v", "ck", "cv")}
+    assert views["q"].shape == (rows[0].stop, 2, 32, 32) and views["q"].data_ptr() == case["q"].data_ptr()
+    out_v, lse_v = tk.compressed_attention(views["q"], views["ck"], views["cv"], tokens_per_program=TILE)
+    out_c, lse_c = tk.compressed_attention(copies["q"], copies["ck"], copies["cv"], tokens_per_program=TILE)
+    assert torch.equal(out_v, out_c) and torch.equal(lse_v, lse_c)
+    sel_v = tk.select_blocks(views["q"], views["ck"], lse_c, case["comp_block_ids"], case["num_blocks"], 8,
+                             tokens_per_program=TILE)
+    sel_c = tk.select_blocks(copies["q"], copies["ck"], lse_c, case["comp_block_ids"], case["num_blocks"], 8,
+                             tokens_per_program=TILE)
+    assert sel_v.shape == (4, rows[0].stop, 8) and torch.equal(sel_v, sel_c)
+    got = tk.selection_attention(views["q"], views["k"], views["v"], sel_c, case["block_offsets"],
+                                 tokens_per_program=TILE)
+    want = tk.selection_attention(copies["q"], copies["k"], copies["v"], sel_c, case["block_offsets"],
+                                  tokens_per_program=TILE)
+    assert torch.equal(got, want)
+    # uneven starts: no single view
+    assert ref._element_view(case["q"], [slice(0, 3), slice(5, 8), slice(9, 12)]) is None
+
+
+def test_module_triton_backend_matches_torch_backend(monkeypatch):
+    """SpatialSparseAttention on two elements with the same coordinates (read in place by the
+    kernels; on CUDA also the one-pass gated sum) and a third with others, against backend="torch"."""
+    from engine.sparse import SparseVoxels
+    a = shell_tokens(32, 11.0, 0.05, seed=3)
+    b = shell_tokens(32, 9.0, 0.06, seed=4)
+    coords = torch.cat([a, a.clone(), b])
+    coords[:, 0] = torch.repeat_interleave(torch.tensor([0, 1, 2]), torch.tensor([len(a), len(a), len(b)]))
+    torch.manual_seed(2)
+    dtype = torch.float16 if DEVICE == "cuda" else torch.float32
+    modules = {}
+    for backend in ("torch", "triton"):
+        torch.manual_seed(2)
+        module = ref.SpatialSparseAttention(256, 16, 2, 8, 8, topk=4, window_size=8, shift_window=4,
+                                            backend=backend)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.normal_(0, 0.1)
+        modules[backend] = module.to(DEVICE, dtype).eval()
+        module.record_selection = True
+    x = torch.randn(coords.shape[0], 256).to(DEVICE, dtype)
+    copy = ref._side_by_side
+
+    def no_copies(tensor, row_ranges):
+        assert len(row_ranges) == 1, "elements copied side by side"
+        return copy(tensor, row_ranges)
+    outs = {}
+    with torch.no_grad():
+        for backend, module in modules.items():
+            if backend == "triton":
+                monkeypatch.setattr(ref, "_side_by_side", no_copies)
+            outs[backend] = module(SparseVoxels(x, coords.to(DEVICE))).feats
+    for got, want in zip(modules["triton"].last_block_topk, modules["torch"].last_block_topk):
+        assert (got != want).any(-1).float().mean() < 0.02       # near-ties may differ
+    assert close(outs["triton"], outs["torch"], rtol=5e-2, atol=5e-3)
+
+
 def test_block_members_layout():
     ids = torch.tensor([0, 2, 1, 0, 2, 2], dtype=torch.int32)
     members = tk.block_members(ids, 3)
@@ -218,12 +291,14 @@ def compile_sm90(fn, sig, consts, **options):
     print(fn.__name__, consts, "ok")
 
 i32, f32, h = "i32", "fp32", "*fp16"
-C_SIG = dict(q_ptr=h, k_ptr=h, v_ptr=h, o_ptr=h, lse_ptr="*fp32", n_tokens=i32, n_comp=i32, sq_n=i32, sq_h=i32,
-             sk_n=i32, sk_h=i32, sv_n=i32, sv_h=i32, so_n=i32, so_h=i32, scale_log2=f32,
+C_SIG = dict(q_ptr=h, k_ptr=h, v_ptr=h, o_ptr=h, lse_ptr="*fp32", n_tokens=i32, n_comp=i32, hkv_e=i32, sq_n=i32,
+             sq_h=i32, sq_b=i32, sk_n=i32, sk_h=i32, sk_b=i32, sv_n=i32, sv_h=i32, sv_b=i32, so_n=i32, so_h=i32,
+             scale_log2=f32,
              G="constexpr", TOKENS="constexpr", D="constexpr", BLOCK_N="constexpr")
 compile_sm90(C._compressed_fwd, C_SIG, dict(G=16, TOKENS=4, D=32, BLOCK_N=64))
 S_SIG = dict(q_ptr=h, k_ptr=h, lse_ptr="*fp32", members_ptr="*i32", out_ptr="*i32", n_tokens=i32, num_blocks=i32,
-             topk=i32, sq_n=i32, sq_h=i32, sk_n=i32, sk_h=i32, so_h=i32, so_n=i32, scale_log2=f32,
+             topk=i32, hkv_e=i32, sq_n=i32, sq_h=i32, sq_b=i32, sk_n=i32, sk_h=i32, sk_b=i32, so_h=i32, so_n=i32,
+             scale_log2=f32,
              G="constexpr", TOKENS="constexpr", D="constexpr", R="constexpr", BLOCK_B="constexpr", W="constexpr",
              REPLACE="constexpr", SORT="constexpr")
 for r in (1, 8):
@@ -231,8 +306,8 @@ for r in (1, 8):
 compile_sm90(S._select_rows_fwd, S_SIG, dict(G=16, TOKENS=4, D=32, R=8, BLOCK_B=8, W=32, REPLACE=True, SORT=False))
 compile_sm90(S._select_rows_fwd, S_SIG, dict(G=16, TOKENS=4, D=32, R=1, BLOCK_B=64, W=8, REPLACE=False, SORT=True))
 SL_SIG = dict(q_ptr=h, k_ptr=h, v_ptr=h, o_ptr=h, sel_ptr="*i32", offsets_ptr="*i32", tab_ptr="*i32", n_tokens=i32,
-              topk=i32, n_tiles=i32, sq_n=i32, sq_h=i32, sk_n=i32, sk_h=i32, sv_n=i32, sv_h=i32, so_n=i32, so_h=i32,
-              ss_h=i32, ss_n=i32, scale_log2=f32,
+              topk=i32, n_tiles=i32, hkv_e=i32, sq_n=i32, sq_h=i32, sq_b=i32, sk_n=i32, sk_h=i32, sk_b=i32, sv_n=i32,
+              sv_h=i32, sv_b=i32, so_n=i32, so_h=i32, ss_h=i32, ss_n=i32, scale_log2=f32,
               G="constexpr", TOKENS="constexpr", D="constexpr", U="constexpr", BLOCK_N="constexpr",
               TAIL_ONLY="constexpr")
 for block_n, tail_only in ((32, True), (64, False)):
