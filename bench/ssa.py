@@ -249,17 +249,12 @@ def run_case(name: str, layout_name: str, args, tk, peak: float, rows: list, che
                          peak_frac=flops["dense"] / dense_ms / 1e9 / peak, speedup_vs_ref=None,
                          dense_ms=dense_ms, speedup_vs_dense=1.0))
     if args.tune:
-        # selection: tokens per program x key tile x pipeline stages x column masking on every tile
-        for tpp, bn, stages, tail_only in ((4, 32, 3, True), (4, 32, 2, True), (4, 32, 4, True), (4, 32, 3, False),
-                                           (4, 64, 3, True), (8, 32, 3, True)):
-            try:
-                ms = time_ms(lambda: tk.selection_attention(q, k, v, r_sel, offsets, tokens_per_program=tpp,
-                                                            block_n=bn, num_stages=stages, tail_only=tail_only))
-            except Exception as e:  # noqa: BLE001
-                print("tune fail sel", tpp, bn, stages, tail_only, repr(e)[:200])
-                continue
-            print(f"TUNE sel {name} {layout_name} tokens={tpp} block_n={bn} stages={stages} "
-                  f"tail_only={tail_only}: {ms:.3f} ms")
+        # selection: tokens per program x key tile x pipeline stages
+        for tpp, bn, stages, scan in ((4, 32, 3, True), (4, 32, 3, False), (4, 32, 2, True), (4, 32, 4, True),
+                                      (4, 32, 4, False), (4, 64, 3, True), (8, 32, 3, True)):
+            ms = time_ms(lambda: tk.selection_attention(q, k, v, r_sel, offsets, tokens_per_program=tpp,
+                                                        block_n=bn, num_stages=stages, scan=scan))
+            print(f"TUNE sel {name} {layout_name} tokens={tpp} block_n={bn} stages={stages} scan={scan}: {ms:.3f} ms")
         for tpp in (4, 8):
             for bn in (32, 64):
                 ms = time_ms(lambda: tk.compressed_attention(q, ck, cv, tokens_per_program=tpp, block_n=bn))

@@ -148,9 +148,9 @@ def test_ssa_kernels_match_reference(cbs, hq, hkv, topk, dtype):
                                  tokens_per_program=TILE)
     assert got.dtype == dtype
     assert close(got, want) if dtype != torch.bfloat16 else close(got, want, rtol=4e-2, atol=1e-2)
-    if cbs == 8 and hq == 32:             # other key tiles, columns masked on every tile, 4-token tiles
+    if cbs == 8 and hq == 32:             # other key tiles, 4-token tiles
         got = tk.selection_attention(q, case["k"], case["v"], sel, case["block_offsets"],
-                                     tokens_per_program=4, block_n=64, tail_only=False)
+                                     tokens_per_program=4, block_n=64)
         assert close(got, want)
 
 
@@ -308,11 +308,9 @@ compile_sm90(S._select_rows_fwd, S_SIG, dict(G=16, TOKENS=4, D=32, R=1, BLOCK_B=
 SL_SIG = dict(q_ptr=h, k_ptr=h, v_ptr=h, o_ptr=h, sel_ptr="*i32", offsets_ptr="*i32", tab_ptr="*i32", n_tokens=i32,
               topk=i32, n_tiles=i32, hkv_e=i32, sq_n=i32, sq_h=i32, sq_b=i32, sk_n=i32, sk_h=i32, sk_b=i32, sv_n=i32,
               sv_h=i32, sv_b=i32, so_n=i32, so_h=i32, ss_h=i32, ss_n=i32, scale_log2=f32,
-              G="constexpr", TOKENS="constexpr", D="constexpr", U="constexpr", BLOCK_N="constexpr",
-              TAIL_ONLY="constexpr")
-for block_n, tail_only in ((32, True), (64, False)):
-    compile_sm90(SL._selection_fwd, SL_SIG, dict(G=16, TOKENS=4, D=32, U=32, BLOCK_N=block_n, TAIL_ONLY=tail_only),
-                 num_stages=3)
+              G="constexpr", TOKENS="constexpr", D="constexpr", U="constexpr", BLOCK_N="constexpr")
+for block_n in (32, 64):
+    compile_sm90(SL._selection_fwd, SL_SIG, dict(G=16, TOKENS=4, D=32, U=32, BLOCK_N=block_n), num_stages=3)
 W_SIG = dict(q_ptr=h, k_ptr=h, v_ptr=h, o_ptr=h, order_ptr="*i32", win_ptr="*i32", cu_ptr="*i32", n_tokens=i32,
              sq_n=i32, sq_h=i32, sk_n=i32, sk_h=i32, sv_n=i32, sv_h=i32, so_n=i32, so_h=i32, scale_log2=f32,
              G="constexpr", TOKENS="constexpr", D="constexpr", BLOCK_N="constexpr")
