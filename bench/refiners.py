@@ -281,6 +281,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         raise SystemExit("bench/refiners.py needs a CUDA GPU")
     if args.kernels:
+        torch.backends.cudnn.benchmark = True  # cuDNN's times with its algorithm search, as in the refiners
         kernel_sweep()
         return
     global PROFILE_ROWS

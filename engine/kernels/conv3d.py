@@ -138,7 +138,7 @@ def _output_layout(x: Tensor, weight: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-_TAPS_TILE = (2, 4, 16)
+_TAPS_TILE = (2, 4, 32)
 _TAPS_WARPS = 4
 
 

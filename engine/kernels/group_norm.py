@@ -58,10 +58,12 @@ def _tile_offsets(voxels, channels, sxc, sxv, VSTRIDE: tl.constexpr):
 
 @triton.jit
 def _partial_stats(x_ptr, bias_ptr, mean_ptr, m2_ptr, V, C, P, steps, sxb, sxc, sxv,
-                   VSTRIDE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   VSTRIDE: tl.constexpr, HAS_BIAS: tl.constexpr, CHANNEL_BLOCKS: tl.constexpr,
                    BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr):
-    channel_block = tl.program_id(0)  # fastest: a voxel range's channel blocks run together (L2 sectors)
-    program = tl.program_id(1)
+    # channel block fastest: a voxel range's channel blocks run together (they share L2 sectors); one
+    # grid dimension (the second is limited to 65535)
+    channel_block = tl.program_id(0) % CHANNEL_BLOCKS
+    program = tl.program_id(0) // CHANNEL_BLOCKS
     b = tl.program_id(2).to(tl.int64)
     channels = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)  # BLOCK_C divides C: no channel mask
     x_base = x_ptr + b * sxb
@@ -141,9 +143,9 @@ def _finalize(mean_ptr, m2_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, V, C
 @triton.jit
 def _apply(x_ptr, bias_ptr, out_ptr, scale_ptr, shift_ptr, V, C, sxb, sxc, sxv, sob, soc, sov,
            SILU: tl.constexpr, HAS_BIAS: tl.constexpr, XSTRIDE: tl.constexpr, OSTRIDE: tl.constexpr,
-           BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr):
-    channel_block = tl.program_id(0)
-    tile = tl.program_id(1)
+           CHANNEL_BLOCKS: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr):
+    channel_block = tl.program_id(0) % CHANNEL_BLOCKS
+    tile = tl.program_id(0) // CHANNEL_BLOCKS
     b = tl.program_id(2).to(tl.int64)
     voxels = tile * BLOCK_V + tl.arange(0, BLOCK_V)
     channels = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)  # BLOCK_C divides C: no channel mask
@@ -241,9 +243,10 @@ def group_norm_silu(x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, ep
     bias_arg = pre_bias if has_bias else weight  # any pointer when unused
     means = torch.empty(batch, programs, channels, dtype=torch.float32, device=x.device)
     m2 = torch.empty_like(means)
-    _partial_stats[(channel_blocks, programs, batch)](x, bias_arg, means, m2, voxels, channels, programs, steps,
+    _partial_stats[(channel_blocks * programs, 1, batch)](x, bias_arg, means, m2, voxels, channels, programs, steps,
                                                       x.stride(0), x.stride(1), in_stride,
                                                       VSTRIDE=x_packed, HAS_BIAS=has_bias,
+                                                      CHANNEL_BLOCKS=channel_blocks,
                                                       BLOCK_V=block_v, BLOCK_C=block_c, num_warps=_WARPS)
     per_group = channels // num_groups
     scale = torch.empty(batch, channels, dtype=torch.float32, device=x.device)
@@ -255,10 +258,11 @@ def group_norm_silu(x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, ep
     _finalize[(batch, num_groups)](means, m2, weight, bias, scale, shift, voxels, channels, programs,
                                    steps * block_v, float(voxels * per_group), float(eps),
                                    PER_GROUP=per_group, BLOCK_G=block_g, BLOCK_T=block_t)
-    _apply[(channel_blocks, tiles, batch)](x, bias_arg, out, scale, shift, voxels, channels,
+    _apply[(channel_blocks * tiles, 1, batch)](x, bias_arg, out, scale, shift, voxels, channels,
                                            x.stride(0), x.stride(1), in_stride,
                                            out.stride(0), out.stride(1), out_stride,
                                            SILU=silu, HAS_BIAS=has_bias, XSTRIDE=x_packed, OSTRIDE=out_packed,
+                                           CHANNEL_BLOCKS=channel_blocks,
                                            BLOCK_V=block_v, BLOCK_C=block_c, num_warps=_WARPS)
     return out
 
@@ -344,9 +348,9 @@ def bias_residual_(out: Tensor, bias: Optional[Tensor] = None, residual: Optiona
 @triton.jit
 def _copy_channels(src_ptr, bias_ptr, dst_ptr, V, C, ssb, ssc, ssv, sdb, sdc, sdv,
                    HAS_BIAS: tl.constexpr, SSTRIDE: tl.constexpr, DSTRIDE: tl.constexpr,
-                   BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr):
-    channel_block = tl.program_id(0)
-    tile = tl.program_id(1)
+                   CHANNEL_BLOCKS: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr):
+    channel_block = tl.program_id(0) % CHANNEL_BLOCKS
+    tile = tl.program_id(0) // CHANNEL_BLOCKS
     b = tl.program_id(2).to(tl.int64)
     voxels = tile * BLOCK_V + tl.arange(0, BLOCK_V)
     channels = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)  # BLOCK_C divides C: no channel mask
@@ -375,10 +379,12 @@ def copy_channels_(dst: Tensor, src: Tensor, bias: Optional[Tensor] = None) -> T
     batch, channels = src.shape[:2]
     voxels = src[0, 0].numel()
     block_v, block_c = _tiles(channels)
-    _copy_channels[(triton.cdiv(channels, block_c), triton.cdiv(voxels, block_v), batch)](
+    channel_blocks = triton.cdiv(channels, block_c)
+    _copy_channels[(channel_blocks * triton.cdiv(voxels, block_v), 1, batch)](
         src, bias if bias is not None else src, dst, voxels, channels,
         src.stride(0), src.stride(1), src_stride, dst.stride(0), dst.stride(1), dst_stride,
         HAS_BIAS=bias is not None, SSTRIDE=_packed_stride(src, src_stride), DSTRIDE=_packed_stride(dst, dst_stride),
+        CHANNEL_BLOCKS=channel_blocks,
         BLOCK_V=block_v, BLOCK_C=block_c, num_warps=_WARPS)
     return dst
 

@@ -167,8 +167,7 @@ class Conv3x3x3(nn.Conv3d):
                     if self.bias is not None and _triton_kernels(x) is not None:
                         return kernel.conv3d_3x3x3(x, self.weight, None), self.bias
                     return kernel.conv3d_3x3x3(x, self.weight, self.bias), None
-        if self.bias is not None and _REFINER_CONVS.value == "torch" and x.dim() == 5 \
-                and _triton_kernels(x) is not None:
+        if self.bias is not None and x.dim() == 5 and _triton_kernels(x) is not None:
             return F.conv3d(x, self.weight, None, self.stride, self.padding, self.dilation, self.groups), self.bias
         return super().forward(x), None
 
