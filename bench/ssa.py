@@ -250,11 +250,10 @@ def run_case(name: str, layout_name: str, args, tk, peak: float, rows: list, che
                          dense_ms=dense_ms, speedup_vs_dense=1.0))
     if args.tune:
         # selection: tokens per program x key tile x pipeline stages
-        for tpp, bn, stages, scan in ((4, 32, 3, True), (4, 32, 3, False), (4, 32, 2, True), (4, 32, 4, True),
-                                      (4, 32, 4, False), (4, 64, 3, True), (8, 32, 3, True)):
+        for tpp, bn, stages in ((4, 32, 3), (4, 32, 2), (4, 32, 4), (4, 64, 3), (8, 32, 3)):
             ms = time_ms(lambda: tk.selection_attention(q, k, v, r_sel, offsets, tokens_per_program=tpp,
-                                                        block_n=bn, num_stages=stages, scan=scan))
-            print(f"TUNE sel {name} {layout_name} tokens={tpp} block_n={bn} stages={stages} scan={scan}: {ms:.3f} ms")
+                                                        block_n=bn, num_stages=stages))
+            print(f"TUNE sel {name} {layout_name} tokens={tpp} block_n={bn} stages={stages}: {ms:.3f} ms")
         for tpp in (4, 8):
             for bn in (32, 64):
                 ms = time_ms(lambda: tk.compressed_attention(q, ck, cv, tokens_per_program=tpp, block_n=bn))

@@ -30,7 +30,7 @@ def _selection_fwd(q_ptr, k_ptr, v_ptr, o_ptr, sel_ptr, offsets_ptr, tab_ptr, n_
                    sq_n, sq_h, sq_b, sk_n, sk_h, sk_b, sv_n, sv_h, sv_b, so_n, so_h, ss_h, ss_n,
                    scale_log2,
                    G: tl.constexpr, TOKENS: tl.constexpr, D: tl.constexpr, U: tl.constexpr,
-                   BLOCK_N: tl.constexpr, SCAN: tl.constexpr = True):
+                   BLOCK_N: tl.constexpr, CH: tl.constexpr):
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
     M: tl.constexpr = TOKENS * G
@@ -46,31 +46,37 @@ def _selection_fwd(q_ptr, k_ptr, v_ptr, o_ptr, sel_ptr, offsets_ptr, tab_ptr, n_
     q = tl.load(q_ptr + elem * sq_b + tok[:, None] * sq_n + (local * G + rows % G)[:, None] * sq_h + dims[None, :],
                 mask=row_ok[:, None], other=0.0)
 
-    # ---- entry table of the tile: its TOKENS * topk selections (U slots), deduplicated
+    # ---- entry table of the tile: its TOKENS * topk selections (U slots), deduplicated; built in
+    # chunks of CH slots ([CH, U] comparisons keep the registers small for large TOKENS * topk)
     a = tl.arange(0, U)
     ja = a // topk                                          # token of slot a within the tile
-    tok_a = pid * TOKENS + ja
-    blk = tl.load(sel_ptr + kv_head * ss_h + tok_a * ss_n + a % topk,
-                  mask=(ja < TOKENS) & (tok_a < n_tokens), other=-1)
-    same = blk[:, None] == blk[None, :]                     # [U, U]
-    # a token selects a block at most once, so the OR of the selecting tokens' bits is their sum
-    bits = tl.sum(tl.where(same, 1 << ja[None, :], 0), axis=1)
-    repeat = tl.sum(tl.where(same & (a[None, :] < a[:, None]), 1, 0), axis=1) > 0
-    first = (blk >= 0) & ~repeat                            # one live slot per selected block
-    start = tl.load(offsets_ptr + blk, mask=first, other=0)
-    end = tl.load(offsets_ptr + blk + 1, mask=first, other=0)
-    n_key_tiles = tl.where(first, (end - start + BLOCK_N - 1) // BLOCK_N, 0)
-    if SCAN:
-        cum = tl.cumsum(n_key_tiles, axis=0)                # key tiles through slot a
-    else:
-        cum = tl.sum(tl.where(a[None, :] <= a[:, None], n_key_tiles[None, :], 0), axis=1)
-    total = tl.max(cum, axis=0)
+    sel_row = sel_ptr + kv_head * ss_h
+    blk = tl.load(sel_row + (pid * TOKENS + ja) * ss_n + a % topk,
+                  mask=(ja < TOKENS) & (pid * TOKENS + ja < n_tokens), other=-1)
     # per-slot scratch, read back by the loop: key tile i (slot e) starts at kbase[e] + i * BLOCK_N
-    row = tab_ptr + (kv_head * n_tiles + pid) * (3 * U)
-    tl.store(row + a, start - (cum - n_key_tiles) * BLOCK_N)
-    tl.store(row + U + a, end)
-    tl.store(row + 2 * U + a, bits)
+    row = tab_ptr + (kv_head * n_tiles + pid) * (4 * U)
+    total = tl.full([], 0, tl.int32)
+    for c in tl.static_range(U // CH):
+        r = c * CH + tl.arange(0, CH)
+        jr = r // topk
+        blk_r = tl.load(sel_row + (pid * TOKENS + jr) * ss_n + r % topk,
+                        mask=(jr < TOKENS) & (pid * TOKENS + jr < n_tokens), other=-1)
+        same = blk_r[:, None] == blk[None, :]               # [CH, U]
+        # a token selects a block at most once, so the OR of the selecting tokens' bits is their sum
+        bits = tl.sum(tl.where(same, 1 << ja[None, :], 0), axis=1)
+        repeat = tl.sum(tl.where(same & (a[None, :] < r[:, None]), 1, 0), axis=1) > 0
+        first = (blk_r >= 0) & ~repeat                      # one live slot per selected block
+        start = tl.load(offsets_ptr + blk_r, mask=first, other=0)
+        end = tl.load(offsets_ptr + blk_r + 1, mask=first, other=0)
+        n_key_tiles = tl.where(first, (end - start + BLOCK_N - 1) // BLOCK_N, 0)
+        cum = total + tl.cumsum(n_key_tiles, axis=0)        # key tiles through slot r
+        total += tl.sum(n_key_tiles, axis=0)
+        tl.store(row + r, start - (cum - n_key_tiles) * BLOCK_N)
+        tl.store(row + U + r, end)
+        tl.store(row + 2 * U + r, bits)
+        tl.store(row + 3 * U + r, cum)
     tl.debug_barrier()                                      # the stores are visible to the whole program
+    cum = tl.load(row + 3 * U + a)
 
     # ---- attention over the key tiles, one flat loop
     k_head = k_ptr + elem * sk_b + local * sk_h
@@ -108,7 +114,7 @@ def _selection_fwd(q_ptr, k_ptr, v_ptr, o_ptr, sel_ptr, offsets_ptr, tab_ptr, n_
 
 def selection_attention(q: Tensor, k: Tensor, v: Tensor, block_topk: Tensor, block_offsets: Tensor,
                         max_block_len: int | None = None, *, tokens_per_program: int | None = None,
-                        block_n: int = 32, num_warps: int = 4, num_stages: int = 3, scan: bool = True) -> Tensor:
+                        block_n: int = 32, num_warps: int = 4, num_stages: int = 3) -> Tensor:
     """q [N, Hq, D]; k/v [N, Hkv, D] block-sorted; block_topk [Hkv, N, topk]; block_offsets
     [num_blocks + 1] -> out [N, Hq, D] in q's dtype. `max_block_len` is accepted for signature parity.
     Also q [N, E, Hq, D], k/v [N, E, Hkv, D] (E elements on the same blocks side by side, read in
@@ -130,11 +136,11 @@ def selection_attention(q: Tensor, k: Tensor, v: Tensor, block_topk: Tensor, blo
     offsets = block_offsets.to(device=q.device, dtype=torch.int32).contiguous()
     n_tiles = triton.cdiv(n_tokens, tokens_per_program)
     u = triton.next_power_of_2(max(1, tokens_per_program * topk))
-    scratch = torch.empty(hkv * n_tiles * 3 * u, dtype=torch.int32, device=q.device)
+    scratch = torch.empty(hkv * n_tiles * 4 * u, dtype=torch.int32, device=q.device)
     _selection_fwd[(n_tiles, hkv)](q, k, v, out, sel, offsets, scratch, n_tokens, topk, n_tiles, hkv_e,
                                    q.stride(0), q.stride(-2), sq_b, k.stride(0), k.stride(-2), sk_b,
                                    v.stride(0), v.stride(-2), sv_b, out.stride(0), out.stride(1),
                                    sel.stride(0), sel.stride(1), LOG2E / math.sqrt(d),
                                    G=group, TOKENS=tokens_per_program, D=d, U=u, BLOCK_N=block_n,
-                                   SCAN=scan, num_warps=num_warps, num_stages=num_stages)
+                                   CH=min(u, max(1, 4096 // u)), num_warps=num_warps, num_stages=num_stages)
     return out
