@@ -415,10 +415,13 @@ def _side_by_side(tensor: Tensor, row_ranges: list[slice]) -> Tensor:
 def _element_view(tensor: Tensor, row_ranges: list[slice]) -> Tensor | None:
     """The rows of m batch elements with as many rows each and evenly spaced starts as one strided
     view [n, m, H, D] of `tensor` [N, H, D] (no copy; the Triton kernels' element layout); None if
-    the starts are not evenly spaced."""
+    the starts are not evenly spaced or a stride is not a multiple of 16 elements (the kernels'
+    loads would not vectorise: slower than copying)."""
     first, n = row_ranges[0].start, row_ranges[0].stop - row_ranges[0].start
     step = row_ranges[1].start - first if len(row_ranges) > 1 else n
     if any(r.start != first + j * step or r.stop - r.start != n for j, r in enumerate(row_ranges)):
+        return None
+    if tensor.stride(-1) != 1 or any(st % 16 for st in tensor.stride()[:-1]):
         return None
     size = (n, len(row_ranges)) + tuple(tensor.shape[1:])
     stride = (tensor.stride(0), step * tensor.stride(0)) + tuple(tensor.stride()[1:])
@@ -529,8 +532,9 @@ class SpatialSparseAttention(nn.Module):
 
     def _qkv_weight(self, dtype: torch.dtype) -> Tensor:
         """proj_q/k/v and gate weights stacked for one GEMM (zero rows pad the output width to a
-        multiple of 8, which keeps half-precision rows 16-byte aligned); rebuilt only when a weight
-        changes."""
+        multiple of 16: half-precision rows stay 16-byte aligned and the Triton kernels, which read
+        q/k/v in place, see row strides divisible by 16 and vectorise their loads); rebuilt only
+        when a weight changes."""
         weights = (self.proj_q.weight, self.proj_k.weight, self.proj_v.weight, self.gate[0].weight)
         # Inference tensors (weights created or moved under torch.inference_mode) have no version
         # counter; they cannot change outside inference mode, so their storage identifies them.
@@ -538,7 +542,7 @@ class SpatialSparseAttention(nn.Module):
         cached = getattr(self, "_qkv_cache", None)
         if cached is None or cached[0] != key or torch.is_grad_enabled():
             rows = sum(w.shape[0] for w in weights)
-            padding = weights[0].new_zeros(-rows % 8, weights[0].shape[1])
+            padding = weights[0].new_zeros(-rows % 16, weights[0].shape[1])
             stacked = torch.cat([w.to(dtype) for w in weights] + [padding.to(dtype)])
             if torch.is_grad_enabled() or (stacked.is_cuda and torch.cuda.is_current_stream_capturing()):
                 return stacked   # autograd needs the graph; a capture must not leave its memory in a cache

@@ -74,9 +74,11 @@ def _selection_fwd(q_ptr, k_ptr, v_ptr, o_ptr, sel_ptr, offsets_ptr, tab_ptr, n_
         tl.store(row + r, start - (cum - n_key_tiles) * BLOCK_N)
         tl.store(row + U + r, end)
         tl.store(row + 2 * U + r, bits)
-        tl.store(row + 3 * U + r, cum)
+        if U > CH:
+            tl.store(row + 3 * U + r, cum)
     tl.debug_barrier()                                      # the stores are visible to the whole program
-    cum = tl.load(row + 3 * U + a)
+    if U > CH:   # else the one chunk's cum is already the whole [U]
+        cum = tl.load(row + 3 * U + a)
 
     # ---- attention over the key tiles, one flat loop
     k_head = k_ptr + elem * sk_b + local * sk_h
