@@ -244,13 +244,14 @@ def kernel_sweep():
 def configurations(args):
     """(name, kernel backend, conv backend, channels_last) of each timed configuration; the first is
     the default CUDA path and the reference of the last column."""
-    configs = [("default: Triton norms + filters, cuDNN convs, channels_last_3d", "auto", "torch", True),
-               ("+ Triton narrow 3x3x3 convs (set_conv_backend('triton'))", "auto", "triton", True),
-               ("+ per-shape faster of cuDNN / Triton narrow convs ('tuned')", "auto", "tuned", True)]
+    configs = [("default: Triton norms + filters, per-shape faster of cuDNN / Triton narrow convs, "
+                "channels_last_3d", "auto", "auto", True),
+               ("cuDNN for every conv (set_conv_backend('torch'))", "auto", "torch", True),
+               ("Triton for every narrow 3x3x3 conv (set_conv_backend('triton'))", "auto", "triton", True)]
     if args.default_only:
         configs = configs[:1]
     elif args.configs:
-        configs = [c for c, key in zip(configs, ("default", "triton", "tuned")) if key in args.configs]
+        configs = [c for c, key in zip(configs, ("default", "cudnn", "triton")) if key in args.configs]
     if args.compare:
         configs.append(("PyTorch norms + filters, cuDNN convs, contiguous (before)", "torch", "torch", False))
     return configs
@@ -270,7 +271,7 @@ def main(argv=None):
     parser.add_argument("--rows", type=int, default=12, help="kernels listed per --profile table")
     parser.add_argument("--kernels", action="store_true",
                         help="only time the Triton kernels alone at full size, with a few tile choices")
-    parser.add_argument("--configs", nargs="*", choices=["default", "triton", "tuned"],
+    parser.add_argument("--configs", nargs="*", choices=["default", "cudnn", "triton"],
                         help="which of the fast-path configurations to time (default: all)")
     parser.add_argument("--default-only", action="store_true",
                         help="time only the default configuration (and --compare's)")

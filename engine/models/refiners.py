@@ -18,8 +18,9 @@ background, so their result is computed once and reused.
 
 On CUDA the activations stay in ``channels_last_3d`` (see ``channels_last`` on the models), group
 norms (+ SiLU) and adaptive filters run on the Triton kernels of :mod:`engine.kernels`
-(:func:`set_kernel_backend`), and the narrow 3x3x3 convolutions can run on a Triton kernel too
-(:func:`set_conv_backend`, opt-in). The PyTorch code here is the CPU path and the kernels' test oracle.
+(:func:`set_kernel_backend`), and each narrow 3x3x3 convolution shape runs on a Triton kernel when
+that is faster than cuDNN (:func:`set_conv_backend`, timed once per shape). Conv biases are added
+by the pass that follows (norm, residual, copy) with the rounding of ATen's separate ``add_``. The PyTorch code here is the CPU path and the kernels' test oracle.
 """
 from __future__ import annotations
 
@@ -105,7 +106,7 @@ def _run_triton(fn: Callable[..., Tensor], *args, **kwargs) -> Optional[Tensor]:
         return None
 
 
-_REFINER_CONVS = BackendChoice("refiner conv backend", ("torch", "triton", "tuned"), "torch")
+_REFINER_CONVS = BackendChoice("refiner conv backend", ("auto", "torch", "triton", "tuned"), "auto")
 # "tuned": per (layer width, input shape, dtype, layout, device) the faster of torch and Triton
 _tuned_conv_choices: dict = {}
 
@@ -113,7 +114,9 @@ _tuned_conv_choices: dict = {}
 def set_conv_backend(name: str) -> str:
     """Select how the narrow 3x3x3 convolutions run; returns the previous setting.
 
-    ``"torch"`` (default): ``F.conv3d`` (cuDNN on CUDA). ``"triton"``: the fp16/bf16 convolutions with
+    ``"auto"`` (default): ``"tuned"`` where the refiner Triton kernels are in use (CUDA, see
+    :func:`set_kernel_backend`), else ``"torch"``.
+    ``"torch"``: ``F.conv3d`` (cuDNN on CUDA). ``"triton"``: the fp16/bf16 convolutions with
     at most 64 input and 32 output channels (the full-resolution layers) run on the Triton kernel of
     :mod:`engine.kernels.conv3d` (on CPU only through ``TRITON_INTERPRET=1``); others stay on torch.
     ``"tuned"``: like ``"triton"``, but the first call of each layer shape times both implementations
@@ -159,11 +162,14 @@ class Conv3x3x3(nn.Conv3d):
         """(output, bias still to add): with the Triton kernels and cuDNN convolutions the bias is left
         to the consumer (a norm's ``pre_bias`` or :func:`add_bias_residual_`), which adds it with the
         rounding of ATen's separate ``add_`` after cuDNN, without a pass of its own."""
-        if _REFINER_CONVS.value != "torch" and x.dim() == 5 and x.dtype in (torch.float16, torch.bfloat16) \
+        mode = _REFINER_CONVS.value
+        if mode == "auto":
+            mode = "tuned" if x.is_cuda and _triton_kernels(x) is not None else "torch"
+        if mode != "torch" and x.dim() == 5 and x.dtype in (torch.float16, torch.bfloat16) \
                 and x.dtype == self.weight.dtype:
             import engine.kernels.conv3d as kernel  # imported here: tests reload it under the interpreter
             if self.in_channels <= kernel.MAX_IN_CHANNELS and self.out_channels <= kernel.MAX_OUT_CHANNELS:
-                if _REFINER_CONVS.value == "triton" or self._tuned_choice(x, kernel) == "triton":
+                if mode == "triton" or self._tuned_choice(x, kernel) == "triton":
                     if self.bias is not None and _triton_kernels(x) is not None:
                         return kernel.conv3d_3x3x3(x, self.weight, None), self.bias
                     return kernel.conv3d_3x3x3(x, self.weight, self.bias), None

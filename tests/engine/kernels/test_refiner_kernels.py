@@ -349,10 +349,11 @@ def test_conv_kernel_matches_conv3d(cin, cout, channels_last, bias):
 
 
 @pytest.mark.parametrize("cin, cout, tile", [
-    (8, 8, (2, 2, 4)), (16, 8, (1, 4, 4)), (1, 8, (2, 2, 4)), (8, 27, (2, 2, 8)), (32, 16, (1, 2, 8))])
+    (8, 8, (1, 2, 2)), (16, 8, (1, 4, 4)), (1, 8, (1, 2, 2)), (8, 27, (2, 2, 8)), (32, 16, (1, 2, 8))])
 def test_tap_group_conv_kernel_matches_conv3d(cin, cout, tile):
     dtype = torch.float16
     gen = torch.Generator().manual_seed(12)
+    # 5 x 6 x 7 with boxes of 1 x 2 x 2: interior boxes (no bounds tests), border boxes and ragged ones
     x = (torch.randn(2, cin, 5, 6, 7, generator=gen).to(dtype)).contiguous(memory_format=CL).to(DEVICE)
     # channels_last weights as in the refiners (so a 1-channel input still gives a channels_last output)
     weight = (torch.randn(cout, cin, 3, 3, 3, generator=gen) / (3 * cin ** 0.5)).to(dtype)
@@ -362,7 +363,7 @@ def test_tap_group_conv_kernel_matches_conv3d(cin, cout, tile):
     out = conv_kernels.conv3d_3x3x3(x, weight, None, tile=tile)  # boxes with ragged edges
     assert out.shape == (2, cout, 5, 6, 7) and (cin == 1 or out.is_contiguous(memory_format=CL))
     exact = F.conv3d(x.double(), weight.double(), None, padding=1)
-    _assert_one_rounding(out, exact.to(dtype), atol=1e-3)
+    _assert_one_rounding(out, exact.to(dtype), atol=2e-3)
     # with a bias: the convolution rounded, then the bias add rounded (cuDNN + ATen's add_)
     biased = conv_kernels.conv3d_3x3x3(x, weight, b, tile=tile)
     if conv_kernels._taps_kernel_fits(x, out):  # (a 1-channel input may give a contiguous output: old kernel)
