@@ -30,7 +30,7 @@ def _selection_fwd(q_ptr, k_ptr, v_ptr, o_ptr, sel_ptr, offsets_ptr, tab_ptr, n_
                    sq_n, sq_h, sq_b, sk_n, sk_h, sk_b, sv_n, sv_h, sv_b, so_n, so_h, ss_h, ss_n,
                    scale_log2,
                    G: tl.constexpr, TOKENS: tl.constexpr, D: tl.constexpr, U: tl.constexpr,
-                   BLOCK_N: tl.constexpr, CH: tl.constexpr):
+                   KP: tl.constexpr, BLOCK_N: tl.constexpr, CH: tl.constexpr):
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
     M: tl.constexpr = TOKENS * G
@@ -46,24 +46,26 @@ def _selection_fwd(q_ptr, k_ptr, v_ptr, o_ptr, sel_ptr, offsets_ptr, tab_ptr, n_
     q = tl.load(q_ptr + elem * sq_b + tok[:, None] * sq_n + (local * G + rows % G)[:, None] * sq_h + dims[None, :],
                 mask=row_ok[:, None], other=0.0)
 
-    # ---- entry table of the tile: its TOKENS * topk selections (U slots), deduplicated; built in
-    # chunks of CH slots ([CH, U] comparisons keep the registers small for large TOKENS * topk)
+    # ---- entry table of the tile: its TOKENS * topk selections, deduplicated, in U slots (slot a:
+    # token a // KP, position a % KP); built in chunks of CH slots ([CH, U] comparisons keep the
+    # registers small for large TOKENS * topk)
     a = tl.arange(0, U)
-    ja = a // topk                                          # token of slot a within the tile
+    ja = a // KP                                            # token of slot a within the tile
     sel_row = sel_ptr + kv_head * ss_h
-    blk = tl.load(sel_row + (pid * TOKENS + ja) * ss_n + a % topk,
-                  mask=(ja < TOKENS) & (pid * TOKENS + ja < n_tokens), other=-1)
+    blk = tl.load(sel_row + (pid * TOKENS + ja) * ss_n + a % KP,
+                  mask=(ja < TOKENS) & (pid * TOKENS + ja < n_tokens) & (a % KP < topk), other=-1)
     # per-slot scratch, read back by the loop: key tile i (slot e) starts at kbase[e] + i * BLOCK_N
     row = tab_ptr + (kv_head * n_tiles + pid) * (4 * U)
     total = tl.full([], 0, tl.int32)
     for c in tl.static_range(U // CH):
         r = c * CH + tl.arange(0, CH)
-        jr = r // topk
-        blk_r = tl.load(sel_row + (pid * TOKENS + jr) * ss_n + r % topk,
-                        mask=(jr < TOKENS) & (pid * TOKENS + jr < n_tokens), other=-1)
+        jr = r // KP
+        blk_r = tl.load(sel_row + (pid * TOKENS + jr) * ss_n + r % KP,
+                        mask=(jr < TOKENS) & (pid * TOKENS + jr < n_tokens) & (r % KP < topk), other=-1)
         same = blk_r[:, None] == blk[None, :]               # [CH, U]
-        # a token selects a block at most once, so the OR of the selecting tokens' bits is their sum
-        bits = tl.sum(tl.where(same, 1 << ja[None, :], 0), axis=1)
+        # bit j: token j selected the block (in any of its slots)
+        hit = tl.max(tl.reshape(same.to(tl.int32), [CH, U // KP, KP]), axis=2)       # [CH, U // KP]
+        bits = tl.sum(hit << tl.arange(0, U // KP)[None, :], axis=1)
         repeat = tl.sum(tl.where(same & (a[None, :] < r[:, None]), 1, 0), axis=1) > 0
         first = (blk_r >= 0) & ~repeat                      # one live slot per selected block
         start = tl.load(offsets_ptr + blk_r, mask=first, other=0)
@@ -137,12 +139,13 @@ def selection_attention(q: Tensor, k: Tensor, v: Tensor, block_topk: Tensor, blo
     sel = block_topk.to(torch.int32).contiguous()
     offsets = block_offsets.to(device=q.device, dtype=torch.int32).contiguous()
     n_tiles = triton.cdiv(n_tokens, tokens_per_program)
-    u = triton.next_power_of_2(max(1, tokens_per_program * topk))
+    kp = triton.next_power_of_2(max(1, topk))
+    u = triton.next_power_of_2(tokens_per_program * kp)
     scratch = torch.empty(hkv * n_tiles * 4 * u, dtype=torch.int32, device=q.device)
     _selection_fwd[(n_tiles, hkv)](q, k, v, out, sel, offsets, scratch, n_tokens, topk, n_tiles, hkv_e,
                                    q.stride(0), q.stride(-2), sq_b, k.stride(0), k.stride(-2), sk_b,
                                    v.stride(0), v.stride(-2), sv_b, out.stride(0), out.stride(1),
                                    sel.stride(0), sel.stride(1), LOG2E / math.sqrt(d),
-                                   G=group, TOKENS=tokens_per_program, D=d, U=u, BLOCK_N=block_n,
+                                   G=group, TOKENS=tokens_per_program, D=d, U=u, KP=kp, BLOCK_N=block_n,
                                    CH=min(u, max(1, 4096 // u)), num_warps=num_warps, num_stages=num_stages)
     return out

@@ -152,6 +152,14 @@ def test_ssa_kernels_match_reference(cbs, hq, hkv, topk, dtype):
         got = tk.selection_attention(q, case["k"], case["v"], sel, case["block_offsets"],
                                      tokens_per_program=4, block_n=64)
         assert close(got, want)
+        # a block repeated within one token's selection counts once
+        repeated = sel.clone()
+        repeated[..., 1] = repeated[..., 0]
+        once = torch.where(torch.arange(topk, device=sel.device) == 1, -1, repeated)
+        want = ref.selection_attention(q, case["k"], case["v"], once, case["block_offsets"])
+        got = tk.selection_attention(q, case["k"], case["v"], repeated, case["block_offsets"],
+                                     tokens_per_program=TILE)
+        assert close(got, want)
 
 
 def test_fewer_blocks_than_topk_and_default_tiles():
@@ -308,9 +316,11 @@ compile_sm90(S._select_rows_fwd, S_SIG, dict(G=16, TOKENS=4, D=32, R=1, BLOCK_B=
 SL_SIG = dict(q_ptr=h, k_ptr=h, v_ptr=h, o_ptr=h, sel_ptr="*i32", offsets_ptr="*i32", tab_ptr="*i32", n_tokens=i32,
               topk=i32, n_tiles=i32, hkv_e=i32, sq_n=i32, sq_h=i32, sq_b=i32, sk_n=i32, sk_h=i32, sk_b=i32, sv_n=i32,
               sv_h=i32, sv_b=i32, so_n=i32, so_h=i32, ss_h=i32, ss_n=i32, scale_log2=f32,
-              G="constexpr", TOKENS="constexpr", D="constexpr", U="constexpr", BLOCK_N="constexpr", CH="constexpr")
-for block_n, u, ch in ((32, 32, 32), (64, 128, 32)):
-    compile_sm90(SL._selection_fwd, SL_SIG, dict(G=16, TOKENS=4, D=32, U=u, BLOCK_N=block_n, CH=ch), num_stages=3)
+              G="constexpr", TOKENS="constexpr", D="constexpr", U="constexpr", KP="constexpr", BLOCK_N="constexpr",
+              CH="constexpr")
+for block_n, kp, ch in ((32, 8, 32), (64, 32, 32)):
+    compile_sm90(SL._selection_fwd, SL_SIG, dict(G=16, TOKENS=4, D=32, U=4 * kp, KP=kp, BLOCK_N=block_n, CH=ch),
+                 num_stages=3)
 W_SIG = dict(q_ptr=h, k_ptr=h, v_ptr=h, o_ptr=h, order_ptr="*i32", win_ptr="*i32", cu_ptr="*i32", n_tokens=i32,
              sq_n=i32, sq_h=i32, sk_n=i32, sk_h=i32, sv_n=i32, sv_h=i32, so_n=i32, so_h=i32, scale_log2=f32,
              G="constexpr", TOKENS="constexpr", D="constexpr", BLOCK_N="constexpr")
