@@ -17,7 +17,7 @@ fraction of a measured bf16 8192^3 matmul. Also checks ours against the referenc
 (top-k rows identical up to near-ties, relative output errors).
 
     python bench/ssa.py [--sets 15k,18k,off18k,60k,off60k,130k] [--layouts v1.1,v1.0] [--tune] [--skip-ref]
-                        [--json out.json]
+                        [--module] [--json out.json]
     python bench/ssa.py --smoke      # CPU: runs the script through Triton's interpreter on ~200 tokens
 """
 
@@ -277,6 +277,39 @@ def run_case(name: str, layout_name: str, args, tk, peak: float, rows: list, che
     sys.stdout.flush()
 
 
+def module_case(name: str, tk):
+    """SpatialSparseAttention forward (1024 channels, 32 x 32 heads, 2 KV heads, v1.1) on two batch
+    elements with the same coordinates (cond + uncond), fp16: the Triton kernels reading each
+    element's rows in place + the one-pass gated sum, against copying the elements side by side
+    (torch.cat) and against copies + the torch gated sum (mul + 2 addcmul_)."""
+    from engine.sparse import SparseVoxels
+    grid, kind, thick, *radius = SETS[name]
+    c = shell(grid, kind, thick, DEV, *radius)
+    second = c.clone()
+    second[:, 0] = 1
+    coords = torch.cat([c, second])
+    dt = torch.float16 if DEV == "cuda" else torch.float32
+    torch.manual_seed(0)
+    module = ref.SpatialSparseAttention(1024, 32, 2, 8, 8, topk=8, window_size=8, shift_window=4).to(DEV, dt).eval()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.02)
+    voxels = SparseVoxels(torch.randn(coords.shape[0], 1024, device=DEV, dtype=dt), coords)
+    results = {}
+    with torch.inference_mode():
+        for mode, views, fused in (("in place + fused sum", True, True), ("copies + fused sum", False, True),
+                                   ("copies + torch sum", False, False)):
+            tk.ELEMENT_VIEWS = views
+            ref._GATED_SUM[:] = [] if fused else [None]
+            results[mode] = (module(voxels).feats, time_ms(lambda: module(voxels)))
+    tk.ELEMENT_VIEWS = True
+    ref._GATED_SUM[:] = []
+    base = results["copies + torch sum"][0]
+    for mode, (out, ms) in results.items():
+        print(f"MODULE {name} 2 x {c.shape[0]} tokens {mode}: {ms:.3f} ms "
+              f"(max abs diff {float((out - base).abs().max()):.1e})")
+
+
 def fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
@@ -288,6 +321,8 @@ def main():
     ap.add_argument("--tune", action="store_true", help="also time kernel variants (prints TUNE lines)")
     ap.add_argument("--skip-ref", action="store_true", help="skip the PyTorch reference timings")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--module", action="store_true",
+                    help="also time the SSA module on two same-coordinate elements (MODULE lines)")
     ap.add_argument("--smoke", action="store_true",
                     help="run the script on the CPU through Triton's interpreter on a tiny set (no timings)")
     args = ap.parse_args()
@@ -308,6 +343,9 @@ def main():
             t0 = time.time()
             run_case(name, lay, args, tk, peak, rows, checks)
             print(f"# {name} {lay} done in {time.time() - t0:.1f} s", flush=True)
+    if args.module:
+        for name in args.sets.split(","):
+            module_case(name, tk)
     print("\ncorrectness at full size (ours vs reference):")
     for c in checks:
         print("  " + "  ".join(f"{k}={fmt(v, '.4g') if isinstance(v, float) else v}" for k, v in c.items()))

@@ -592,7 +592,8 @@ class SpatialSparseAttention(nn.Module):
             blocks = layout.elements[members[0]].blocks
             # Elements with identical coordinates run as one call with their heads side by side:
             # element j owns query heads j*Hq.. and KV heads j*Hkv.., and the consecutive GQA grouping
-            # keeps every query head on its own element's KV head, so this is exact.
+            # keeps every query head on its own element's KV head, so this is exact. The Triton kernels
+            # read the elements' rows in place ([n, m, H, D] strided views); the reference gets copies.
             token_rows = [layout.elements[e].token_rows for e in members]
             comp_rows = [layout.elements[e].comp_rows for e in members]
             views = None
