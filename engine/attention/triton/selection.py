@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .compressed import LOG2E, _by_element, _group
 
+
 @triton.jit
 def _selection_fwd(q_ptr, k_ptr, v_ptr, o_ptr, sel_ptr, offsets_ptr, tab_ptr, n_tokens, topk, n_tiles, hkv_e,
                    sq_n, sq_h, sq_b, sk_n, sk_h, sk_b, sv_n, sv_h, sv_b, so_n, so_h, ss_h, ss_n,
