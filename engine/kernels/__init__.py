@@ -2,7 +2,7 @@
 
 * :mod:`engine.kernels.adaptive_filter`: one pass of the 512 refiner's per-voxel 3x3x3 filter.
 * :mod:`engine.kernels.group_norm`: GroupNorm (+ SiLU) on low-precision activations with fp32 statistics.
-* :mod:`engine.kernels.conv3d`: narrow 3x3x3 convolutions (opt-in).
+* :mod:`engine.kernels.conv3d`: narrow 3x3x3 convolutions (per layer shape, where faster than cuDNN).
 * :mod:`engine.kernels.modulation`: fused LayerNorm / adaLN modulation / gated residuals.
 
 :class:`BackendChoice` is the process-wide switch each model uses to pick PyTorch or Triton.
