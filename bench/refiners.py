@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.models import build  # noqa: E402
-from engine.models.refiners import conv_backend, kernel_backend  # noqa: E402
+from engine.models.refiners import _seconds_per_call, conv_backend, kernel_backend  # noqa: E402
 
 
 def shell_band(resolution: int, radius: float, half_width: float, device, slab: int = 64):
@@ -164,19 +164,8 @@ def kernel_sweep():
 
     device, half, cl = "cuda", torch.float16, torch.channels_last_3d
 
-    def ms(fn, repeats=10):
-        fn()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeats):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / repeats
-
     def report(name, fn, nbytes):
-        t = ms(fn)
+        t = 1e3 * _seconds_per_call(fn, torch.device(device), repeats=10)
         print(f"| {name} | {t:.3f} | {nbytes / t / 1e6:.0f} |")
 
     print("\n| kernel (tile) | ms | GB/s |\n| --- | ---: | ---: |")

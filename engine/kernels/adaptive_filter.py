@@ -31,6 +31,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .tiles import box_voxels
+
 __all__ = ["normalise_taps", "adaptive_filter_step", "adaptive_filter"]
 
 _INT32_LIMIT = 2 ** 31 - 1
@@ -71,17 +73,8 @@ def _filter_step_kernel(x_ptr, taps_ptr, out_ptr, D, H, W, tiles_h, tiles_w,
                         TD: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    tile_w = pid % tiles_w
-    rest = pid // tiles_w
-    tile_h = rest % tiles_h
-    tile_d = rest // tiles_h
-    r = tl.arange(0, TD * TH * TW)
-    wi = tile_w * TW + r % TW
-    hi = tile_h * TH + (r // TW) % TH
-    di = tile_d * TD + r // (TW * TH)
-    valid = (di < D) & (hi < H) & (wi < W)
+    tile_d, tile_h, tile_w, di, hi, wi, valid, voxel = box_voxels(pid, D, H, W, tiles_h, tiles_w, TD, TH, TW)
     plane = H * W
-    voxel = (di * H + hi) * W + wi  # 32-bit: the host checks that every offset fits
     # per-axis "has a neighbour below / above"
     d_lo, d_hi = di > 0, di < D - 1
     h_lo, h_hi = hi > 0, hi < H - 1

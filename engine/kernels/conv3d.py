@@ -22,6 +22,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .tiles import box_voxels
+
 __all__ = ["conv3d_3x3x3", "channels_last_strides", "MAX_IN_CHANNELS", "MAX_OUT_CHANNELS"]
 
 MAX_IN_CHANNELS = 64
@@ -81,17 +83,8 @@ def _conv3_taps_kernel(x_ptr, w_ptr, out_ptr, D, H, W, tiles_h, tiles_w, sxb, so
     (rows tap * CIN + ci). Each tap's CIN channels are one vector load."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    tile_w = pid % tiles_w
-    rest = pid // tiles_w
-    tile_h = rest % tiles_h
-    tile_d = rest // tiles_h
-    r = tl.arange(0, TD * TH * TW)
-    wi = tile_w * TW + r % TW
-    hi = tile_h * TH + (r // TW) % TH
-    di = tile_d * TD + r // (TW * TH)
-    valid = (di < D) & (hi < H) & (wi < W)
+    tile_d, tile_h, tile_w, di, hi, wi, valid, voxel = box_voxels(pid, D, H, W, tiles_h, tiles_w, TD, TH, TW)
     plane = H * W
-    voxel = (di * H + hi) * W + wi
     column = tl.arange(0, KG)
     channel = column % CIN
     outputs = tl.arange(0, NP)

@@ -57,6 +57,19 @@ def _tile_offsets(voxels, channels, sxc, sxv, VSTRIDE: tl.constexpr):
 
 
 @triton.jit
+def _voxel_channel_tile(BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr, CHANNEL_BLOCKS: tl.constexpr):
+    """Tile of a one-dimensional grid of (voxel tile, channel block) programs, channel blocks fastest
+    (a voxel range's channel blocks run together and share L2 sectors): batch entry, the tile's
+    voxel and channel indices (BLOCK_C divides C: no channel mask)."""
+    channel_block = tl.program_id(0) % CHANNEL_BLOCKS
+    tile = tl.program_id(0) // CHANNEL_BLOCKS
+    b = tl.program_id(2).to(tl.int64)
+    voxels = tile * BLOCK_V + tl.arange(0, BLOCK_V)
+    channels = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)
+    return b, voxels, channels
+
+
+@triton.jit
 def _partial_stats(x_ptr, bias_ptr, mean_ptr, m2_ptr, V, C, P, steps, sxb, sxc, sxv,
                    VSTRIDE: tl.constexpr, HAS_BIAS: tl.constexpr, CHANNEL_BLOCKS: tl.constexpr,
                    BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -144,11 +157,7 @@ def _finalize(mean_ptr, m2_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, V, C
 def _apply(x_ptr, bias_ptr, out_ptr, scale_ptr, shift_ptr, V, C, sxb, sxc, sxv, sob, soc, sov,
            SILU: tl.constexpr, HAS_BIAS: tl.constexpr, XSTRIDE: tl.constexpr, OSTRIDE: tl.constexpr,
            CHANNEL_BLOCKS: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr):
-    channel_block = tl.program_id(0) % CHANNEL_BLOCKS
-    tile = tl.program_id(0) // CHANNEL_BLOCKS
-    b = tl.program_id(2).to(tl.int64)
-    voxels = tile * BLOCK_V + tl.arange(0, BLOCK_V)
-    channels = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)  # BLOCK_C divides C: no channel mask
+    b, voxels, channels = _voxel_channel_tile(BLOCK_V, BLOCK_C, CHANNEL_BLOCKS)
     mask = (voxels < V)[:, None]
     x = tl.load(x_ptr + b * sxb + _tile_offsets(voxels, channels, sxc, sxv, XSTRIDE), mask=mask, other=0.0)
     x = x.to(tl.float32)
@@ -349,11 +358,7 @@ def bias_residual_(out: Tensor, bias: Optional[Tensor] = None, residual: Optiona
 def _copy_channels(src_ptr, bias_ptr, dst_ptr, V, C, ssb, ssc, ssv, sdb, sdc, sdv,
                    HAS_BIAS: tl.constexpr, SSTRIDE: tl.constexpr, DSTRIDE: tl.constexpr,
                    CHANNEL_BLOCKS: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr):
-    channel_block = tl.program_id(0) % CHANNEL_BLOCKS
-    tile = tl.program_id(0) // CHANNEL_BLOCKS
-    b = tl.program_id(2).to(tl.int64)
-    voxels = tile * BLOCK_V + tl.arange(0, BLOCK_V)
-    channels = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)  # BLOCK_C divides C: no channel mask
+    b, voxels, channels = _voxel_channel_tile(BLOCK_V, BLOCK_C, CHANNEL_BLOCKS)
     mask = (voxels < V)[:, None]
     x = tl.load(src_ptr + b * ssb + _tile_offsets(voxels, channels, ssc, ssv, SSTRIDE), mask=mask, other=0.0)
     if HAS_BIAS:

@@ -45,14 +45,19 @@ def _kernel_modules():
     import engine.kernels.adaptive_filter as adaptive
     import engine.kernels.conv3d as conv
     import engine.kernels.group_norm as norm
+    import engine.kernels.tiles as tiles
     if os.environ.get("TRITON_INTERPRET") == "1":
         _fix_interpreter_scalar_index()
         from triton.runtime.interpreter import InterpretedFunction
         if not isinstance(norm._apply, InterpretedFunction):
             norm = importlib.reload(norm)
-        if not isinstance(adaptive._filter_step_kernel, InterpretedFunction):
+        if not isinstance(tiles.box_voxels, InterpretedFunction):
+            tiles = importlib.reload(tiles)
+        # the box kernels import the shared helper by name: reload them after it
+        if adaptive.box_voxels is not tiles.box_voxels or not isinstance(adaptive._filter_step_kernel,
+                                                                          InterpretedFunction):
             adaptive = importlib.reload(adaptive)
-        if not isinstance(conv._conv3_kernel, InterpretedFunction):
+        if conv.box_voxels is not tiles.box_voxels or not isinstance(conv._conv3_kernel, InterpretedFunction):
             conv = importlib.reload(conv)
     return norm, adaptive, conv
 
