@@ -250,7 +250,8 @@ def run_case(name: str, layout_name: str, args, tk, peak: float, rows: list, che
                          dense_ms=dense_ms, speedup_vs_dense=1.0))
     if args.tune:
         # selection: tokens per program x key tile x pipeline stages
-        for tpp, bn, stages in ((4, 32, 3), (4, 32, 2), (4, 32, 4), (4, 64, 3), (8, 32, 3)):
+        for tpp, bn, stages in ((4, 32, 3), (4, 32, 2), (4, 32, 4), (4, 64, 3), (4, 16, 3), (8, 32, 3), (2, 32, 3),
+                                (2, 16, 3)):
             ms = time_ms(lambda: tk.selection_attention(q, k, v, r_sel, offsets, tokens_per_program=tpp,
                                                         block_n=bn, num_stages=stages))
             print(f"TUNE sel {name} {layout_name} tokens={tpp} block_n={bn} stages={stages}: {ms:.3f} ms")
