@@ -35,28 +35,39 @@ def online_softmax_tile(q, k, v, valid, m_i, l_i, acc, scale_log2):
 
 
 @triton.jit
+def grouped_query_rows(q_ptr, n_tokens, hkv_e, sq_n, sq_h, sq_b,
+                       G: tl.constexpr, TOKENS: tl.constexpr, D: tl.constexpr):
+    """The row layout of the SSA kernels: program (pid, kv_head) owns TOKENS consecutive tokens times
+    the G query heads of KV head `kv_head`, stacked as TOKENS * G rows (row r: token r // G, head
+    r % G), so the heads of a GQA group share every loaded key tile. `kv_head` counts the combined
+    heads of side-by-side batch elements: inputs come from element `elem`, its KV head `local`.
+    Returns q [TOKENS * G, D] (zeros past n_tokens), each row's token, combined query head and
+    validity, and (elem, local)."""
+    pid = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    rows = tl.arange(0, TOKENS * G)
+    tok = pid * TOKENS + rows // G
+    row_ok = tok < n_tokens
+    elem = kv_head // hkv_e
+    local = kv_head - elem * hkv_e
+    dims = tl.arange(0, D)
+    q = tl.load(q_ptr + elem * sq_b + tok[:, None] * sq_n + (local * G + rows % G)[:, None] * sq_h + dims[None, :],
+                mask=row_ok[:, None], other=0.0)
+    return q, tok, kv_head * G + rows % G, row_ok, elem, local
+
+
+@triton.jit
 def _compressed_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
                     n_tokens, n_comp, hkv_e,
                     sq_n, sq_h, sq_b, sk_n, sk_h, sk_b, sv_n, sv_h, sv_b, so_n, so_h,
                     scale_log2,
                     G: tl.constexpr, TOKENS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid = tl.program_id(0)
-    kv_head = tl.program_id(1)
     M: tl.constexpr = TOKENS * G
-    rows = tl.arange(0, M)
-    tok = pid * TOKENS + rows // G
-    head = kv_head * G + rows % G
-    row_ok = tok < n_tokens
     dims = tl.arange(0, D)
     # inputs of batch element `elem` (KV head `local` of it); outputs use the combined heads
-    elem = kv_head // hkv_e
-    local = kv_head - elem * hkv_e
-    q_ptr += elem * sq_b
+    q, tok, head, row_ok, elem, local = grouped_query_rows(q_ptr, n_tokens, hkv_e, sq_n, sq_h, sq_b, G, TOKENS, D)
     k_ptr += elem * sk_b + local * sk_h
     v_ptr += elem * sv_b + local * sv_h
-
-    q = tl.load(q_ptr + tok[:, None] * sq_n + (local * G + rows % G)[:, None] * sq_h + dims[None, :],
-                mask=row_ok[:, None], other=0.0)
     m_i = tl.full([M], float("-inf"), tl.float32)
     l_i = tl.zeros([M], tl.float32)
     acc = tl.zeros([M, D], tl.float32)

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .compressed import LOG2E, _by_element, _group
+from .compressed import LOG2E, _by_element, _group, grouped_query_rows
 
 
 @triton.jit
@@ -118,19 +118,10 @@ def _select_rows_fwd(q_ptr, k_ptr, lse_ptr, members_ptr, out_ptr,
     """"rows" scoring: the TOKENS x G (token, head) pairs are the rows of one product per chunk."""
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
-    M: tl.constexpr = TOKENS * G
-    rows = tl.arange(0, M)
-    tok = pid * TOKENS + rows // G
-    head = kv_head * G + rows % G
-    row_ok = tok < n_tokens
     dims = tl.arange(0, D)
     # inputs of batch element `elem` (its KV head `local`); lse and outputs use the combined heads
-    elem = kv_head // hkv_e
-    local = kv_head - elem * hkv_e
-    q_ptr += elem * sq_b
+    q, tok, head, row_ok, elem, local = grouped_query_rows(q_ptr, n_tokens, hkv_e, sq_n, sq_h, sq_b, G, TOKENS, D)
     k_ptr += elem * sk_b + local * sk_h
-    q = tl.load(q_ptr + tok[:, None] * sq_n + (local * G + rows % G)[:, None] * sq_h + dims[None, :],
-                mask=row_ok[:, None], other=0.0)
     lse2 = tl.load(lse_ptr + head * n_tokens + tok, mask=row_ok, other=0.0) * 1.4426950408889634
 
     cols = tl.arange(0, BLOCK_B * R)

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .compressed import LOG2E, _by_element, _group
+from .compressed import LOG2E, _by_element, _group, grouped_query_rows
 
 
 @triton.jit
@@ -35,17 +35,10 @@ def _selection_fwd(q_ptr, k_ptr, v_ptr, o_ptr, sel_ptr, offsets_ptr, tab_ptr, n_
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
     M: tl.constexpr = TOKENS * G
-    rows = tl.arange(0, M)
-    j = rows // G
-    tok = pid * TOKENS + j
-    row_ok = tok < n_tokens
-    head = kv_head * G + rows % G
+    j = tl.arange(0, M) // G                                # each row's token within the tile
     dims = tl.arange(0, D)
     # inputs of batch element `elem` (its KV head `local`); selections and output: combined heads
-    elem = kv_head // hkv_e
-    local = kv_head - elem * hkv_e
-    q = tl.load(q_ptr + elem * sq_b + tok[:, None] * sq_n + (local * G + rows % G)[:, None] * sq_h + dims[None, :],
-                mask=row_ok[:, None], other=0.0)
+    q, tok, head, row_ok, elem, local = grouped_query_rows(q_ptr, n_tokens, hkv_e, sq_n, sq_h, sq_b, G, TOKENS, D)
 
     # ---- entry table of the tile: its TOKENS * topk selections, deduplicated, in U slots (slot a:
     # token a // KP, position a % KP); built in chunks of CH slots ([CH, U] comparisons keep the
