@@ -93,68 +93,62 @@ def timed_run(run, patches: int, repeats: int):
     return best, best_patch, peak, output
 
 
-def bench_refiner512(args, generator, rows, device, dtype):
-    model = build("refiner", args.version, dtype=dtype).to(device)
-    coords, sdf = shell_band(512, 0.4, 2.5, device)
-    feats = torch.randn(coords.shape[0], 32, generator=generator).to(device=device, dtype=dtype)
-    sdf = sdf.to(dtype)
-    label = f"512 refiner, 27 x 192^3, {coords.shape[0] / 1e6:.2f} M band voxels"
+def compare_configurations(args, rows, model, label, saved_key, warm_patch, run_volume, difference):
+    """Time ``run_volume(progress)`` (a whole 27-patch volume) under every configuration and append
+    one table row each. ``warm_patch()`` runs one patch first (Triton compilation, cuDNN autotuning,
+    the per-shape conv choice) and is what ``--profile`` records; ``difference(output, first)`` says
+    how far a configuration's output is from the first one's, which ``--save`` keeps under
+    ``saved_key``."""
     reference = None
     for name, backend, convs, channels_last in configurations(args):
         model.channels_last = channels_last
         try:
             with kernel_backend(backend), conv_backend(convs), torch.inference_mode():
-                warm = torch.rand(1, 9, 192, 192, 192, generator=generator).to(device=device, dtype=dtype)
-                model.refine_embedded_patch(warm[:, :1], warm[:, 1:])
+                warm_patch()
                 if args.profile:
-                    kernel_profile(f"512 refiner patch, {name}",
-                                   lambda: model.refine_embedded_patch(warm[:, :1], warm[:, 1:]))
-                del warm
-                total, per_patch, peak, volume = timed_run(
-                    lambda progress: model.refine_volume(coords, sdf, feats, progress=progress), 27, args.repeats)
+                    kernel_profile(f"{label.split(',')[0]} patch, {name}", warm_patch)
+                total, per_patch, peak, output = timed_run(run_volume, 27, args.repeats)
         except Exception as error:  # report and go on with the other configurations
             rows.append((label, name, math.nan, [math.nan], math.nan, f"failed: {type(error).__name__}: {error}"[:120]))
             continue
         if reference is None:
-            SAVED["refiner"] = volume.cpu()
-            reference = volume
-            difference = "-"
+            SAVED[saved_key] = output.cpu()
+            reference = output
+            compared = "-"
         else:
-            difference = f"max abs {float((volume - reference).abs().max()):.2e}"
-        rows.append((label, name, total, per_patch, peak, difference))
-        del volume
-    del model, reference
+            compared = difference(output, reference)
+        rows.append((label, name, total, per_patch, peak, compared))
+        del output
+
+
+def bench_refiner512(args, generator, rows, device, dtype):
+    model = build("refiner", args.version, dtype=dtype).to(device)
+    coords, sdf = shell_band(512, 0.4, 2.5, device)
+    feats = torch.randn(coords.shape[0], 32, generator=generator).to(device=device, dtype=dtype)
+    sdf = sdf.to(dtype)
+
+    def warm_patch():
+        warm = torch.rand(1, 9, 192, 192, 192, generator=generator).to(device=device, dtype=dtype)
+        model.refine_embedded_patch(warm[:, :1], warm[:, 1:])
+
+    compare_configurations(args, rows, model, f"512 refiner, 27 x 192^3, {coords.shape[0] / 1e6:.2f} M band voxels",
+                           "refiner", warm_patch,
+                           lambda progress: model.refine_volume(coords, sdf, feats, progress=progress),
+                           lambda volume, first: f"max abs {float((volume - first).abs().max()):.2e}")
 
 
 def bench_sign(args, generator, rows, device, dtype):
     model = build("refiner_1024", args.version, dtype=dtype).to(device)
     coords, sdf = shell_band(1024, 0.4, 2.5, device)
     sdf = sdf.to(dtype)
-    label = f"sign refiner, 27 x 256^3, {coords.shape[0] / 1e6:.2f} M band voxels at 1024"
-    reference = None
-    for name, backend, convs, channels_last in configurations(args):
-        model.channels_last = channels_last
-        try:
-            with kernel_backend(backend), conv_backend(convs), torch.inference_mode():
-                warm = torch.rand(1, 1, 256, 256, 256, generator=generator).to(device=device, dtype=dtype)
-                model.sign_logits_patch(warm)
-                if args.profile:
-                    kernel_profile(f"sign refiner patch, {name}", lambda: model.sign_logits_patch(warm))
-                del warm
-                total, per_patch, peak, grid = timed_run(
-                    lambda progress: model.sign_grid(coords, sdf, progress=progress), 27, args.repeats)
-        except Exception as error:  # report and go on with the other configurations
-            rows.append((label, name, math.nan, [math.nan], math.nan, f"failed: {type(error).__name__}: {error}"[:120]))
-            continue
-        if reference is None:
-            SAVED["sign"] = grid.cpu()
-            reference = grid
-            difference = "-"
-        else:
-            difference = f"{float((grid != reference).float().mean()) * 100:.4f} % signs differ"
-        rows.append((label, name, total, per_patch, peak, difference))
-        del grid
-    del model, reference
+
+    def warm_patch():
+        model.sign_logits_patch(torch.rand(1, 1, 256, 256, 256, generator=generator).to(device=device, dtype=dtype))
+
+    compare_configurations(args, rows, model,
+                           f"sign refiner, 27 x 256^3, {coords.shape[0] / 1e6:.2f} M band voxels at 1024",
+                           "sign", warm_patch, lambda progress: model.sign_grid(coords, sdf, progress=progress),
+                           lambda grid, first: f"{float((grid != first).float().mean()) * 100:.4f} % signs differ")
 
 
 def kernel_sweep():
