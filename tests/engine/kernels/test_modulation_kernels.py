@@ -532,16 +532,7 @@ def test_kernels_compile_for_sm90_with_16_byte_accesses():
     """The interpreter accepts some programs the compiler rejects: lower the full-size fp16
     configurations (1024 channels, head width 64) to sm_90 machine code (Triton's bundled ptxas; no
     GPU needed), and check that every global access is a 16-byte vector (memory-bound kernels)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-    pytest.importorskip("triton.backends.nvidia")
-    repo = Path(__file__).resolve().parents[3]
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(repo), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], env=env, cwd=repo, capture_output=True,
-                          text=True, timeout=600)
-    if done.returncode != 0 and "ptxas" in done.stderr and "not found" in done.stderr.lower():
-        pytest.skip("Triton's ptxas is not available")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("vector compiled") == 6, done.stdout
+    from helpers.sm90 import compile_for_sm90
+
+    stdout = compile_for_sm90(_SM90_SCRIPT)
+    assert stdout.count("vector compiled") == 6, stdout
