@@ -202,16 +202,7 @@ def _triangulate(case: int, face_bits: int) -> tuple[list[tuple[int, int, int]],
     crossings, used (as a triangle fan centre) for loops that cannot be triangulated without a
     diagonal inside a cube face. Returns (triangles, member edges of each extra vertex).
     """
-    triangles: list[tuple[int, int, int]] = []
-    centres: list[list[int]] = []
-    for loop in _loops(case, face_bits):
-        tris = _triangulate_polygon(tuple(loop))
-        if tris is None:
-            centre = 12 + len(centres)
-            centres.append(loop)
-            tris = tuple((centre, loop[i], loop[(i + 1) % len(loop)]) for i in range(len(loop)))
-        triangles.extend(tris)
-    return triangles, centres
+    return _cap_loops(_loops(case, face_bits))
 
 
 def _loop_orientation_flip() -> bool:
@@ -378,7 +369,7 @@ def _build_tables() -> dict[str, np.ndarray]:
         for choice in range(1 << len(amb_faces)):
             bits = sum(1 << f for i, f in enumerate(amb_faces) if (choice >> i) & 1)
             row = case * 64 + bits
-            entries[row] = _cap_loops(_loops(case, bits))
+            entries[row] = _triangulate(case, bits)
             region_label[row] = _surface_regions(case, bits)
             for (p, q), option in _tunnel_options(case, bits).items():
                 tunnel_map[row, p * 8 + q] = 256 * 64 + len(tunnel_rows)
