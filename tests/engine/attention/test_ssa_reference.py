@@ -44,15 +44,6 @@ def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Small tensors: one intra-op thread avoids OpenMP hand-off costs on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def shell():
     coords = block_sorted_shell(24, 8.0, 11.3)

@@ -2,7 +2,6 @@
 straightforward dense implementations of the official algorithms (architecture notes 3.6 / 3.7)."""
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 
@@ -19,16 +18,6 @@ from tests.conftest import within_tolerance
 TINY_WIDTHS = (8, 12, 16, 20)
 # two-level UNet for the whole-volume runs (patches of 8^3 keep 3 x 27 CPU patch runs fast)
 VOLUME_TEST_WIDTHS = (8, 12)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Many tiny convolutions: one intra-op thread avoids OpenMP hand-off costs on a shared CPU
-    (tens of ms per small conv3d with 2 busy threads, well under 1 ms with one)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _reinit_(model: torch.nn.Module, seed: int) -> torch.nn.Module:

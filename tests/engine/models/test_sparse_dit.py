@@ -18,15 +18,6 @@ def within_tolerance(ours, ref, tol):
     return rel <= tol["rel_l2"] and worst <= tol["max_abs"], rel, worst
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """These forwards are hundreds of small ops; one intra-op thread avoids OpenMP hand-off costs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def load_parity_model(fx):
     config = config_from_params("sparse_dit_512", fx["constructor_params"])
     model = SparseDiT(config, ssa_backend="torch").eval()

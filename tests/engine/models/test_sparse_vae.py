@@ -12,15 +12,6 @@ from engine.models.sparse_vae import SparseSDFDecoder, SparseSDFEncoder, SparseS
 from engine.sparse import SparseVoxels, linearize_coords
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """The gather/scatter sparse ops are faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def canonical_order(coords):
     """Stable sort by (batch, x, y, z), the order of the parity fixtures' sparse outputs."""
     c = coords.long()
