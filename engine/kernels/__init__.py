@@ -34,3 +34,24 @@ class BackendChoice:
             yield
         finally:
             self.set(previous)
+
+
+def fix_interpreter_scalar_index() -> None:
+    """Triton 3.6's interpreter (TRITON_INTERPRET=1, the CPU test path) turns a scalar kernel argument
+    used as a loop bound into an int with ``int(array_of_shape_1)``, which numpy >= 2.4 rejects;
+    re-patch the interpreter's ``tensor.__index__`` to take the single element. Idempotent; no effect
+    on compiled kernels."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_takes_first_element", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._takes_first_element = True
+    interpreter._patch_lang_tensor = patched

@@ -26,8 +26,9 @@ from engine.sparse.ordering import sort_block_order  # noqa: E402
 def _load_kernels():
     """Import engine.attention.triton; reload its modules if they were built without the interpreter."""
     import engine.attention.triton as tk
+    from engine.kernels import fix_interpreter_scalar_index
     if os.environ.get("TRITON_INTERPRET") == "1":
-        tk._interpreter_numpy_fix()      # (also applied on import when the variable is set)
+        fix_interpreter_scalar_index()   # (also applied on import when the variable is set)
         from triton.runtime.interpreter import InterpretedFunction
         from engine.attention.triton import compressed
         if not isinstance(compressed._compressed_fwd, InterpretedFunction):

@@ -19,25 +19,10 @@ triton = pytest.importorskip("triton")
 
 from engine.models import refiners  # noqa: E402
 from engine.models.refiners import Refiner512, SignRefiner1024, conv_backend, kernel_backend  # noqa: E402
+from engine.kernels import fix_interpreter_scalar_index  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CL = torch.channels_last_3d
-
-
-def _fix_interpreter_scalar_index():
-    """Triton 3.6's interpreter converts a scalar kernel argument used as a loop bound with
-    ``int(array)`` on a shape-[1] array, which numpy >= 2.4 rejects; take its single element instead."""
-    from triton.runtime import interpreter
-    current = interpreter._patch_lang_tensor
-    if getattr(current, "_takes_first_element", False):
-        return
-
-    def patch(tensor, scope):
-        current(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patch._takes_first_element = True
-    interpreter._patch_lang_tensor = patch
 
 
 def _kernel_modules():
@@ -47,7 +32,7 @@ def _kernel_modules():
     import engine.kernels.group_norm as norm
     import engine.kernels.tiles as tiles
     if os.environ.get("TRITON_INTERPRET") == "1":
-        _fix_interpreter_scalar_index()
+        fix_interpreter_scalar_index()
         from triton.runtime.interpreter import InterpretedFunction
         if not isinstance(norm._apply, InterpretedFunction):
             norm = importlib.reload(norm)
