@@ -10,14 +10,38 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import warnings
+from typing import Callable, Iterator, Optional, TypeVar
+
+_Result = TypeVar("_Result")
 
 
 class BackendChoice:
-    """A named process-wide implementation setting with a fixed set of choices."""
+    """A named process-wide implementation setting with a fixed set of choices.
+
+    ``failure`` is set when a Triton kernel could not run (no compiler, unsupported GPU) while the
+    setting did not force Triton: from then on the process uses the PyTorch path, after one warning
+    (see :meth:`attempt`)."""
 
     def __init__(self, what: str, choices: tuple, default: str):
         self.what, self.choices, self.value = what, choices, default
+        self.failure: Optional[str] = None
+
+    def attempt(self, kernel: Callable[[], _Result], fallback: Callable[[], _Result]) -> _Result:
+        """``kernel()``. Unless the setting is ``"triton"`` (then errors propagate), a failure is
+        recorded in ``failure`` and reported once, and this call and every later one return
+        ``fallback()`` (the PyTorch path) instead."""
+        if self.failure is not None and self.value != "triton":
+            return fallback()
+        try:
+            return kernel()
+        except Exception as error:
+            if self.value == "triton":
+                raise
+            self.failure = f"{type(error).__name__}: {error}"
+            warnings.warn(f"{self.what}: Triton kernels unavailable ({self.failure}); using the PyTorch path",
+                          RuntimeWarning, stacklevel=3)
+            return fallback()
 
     def set(self, name: str) -> str:
         """Select ``name``; returns the previous setting."""

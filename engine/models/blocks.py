@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 import math
-import warnings
-from typing import Callable, ContextManager, Optional
+from typing import ContextManager, Optional
 
 import torch
 import torch.nn.functional as F
@@ -46,9 +45,6 @@ def half_layer_norm(x: torch.Tensor, shape, weight, bias, eps: float) -> torch.T
 # PyTorch elsewhere and as the test oracle
 # ----------------------------------------------------------------------------------------------------
 _BLOCK_KERNELS = BackendChoice("block kernel backend", ("auto", "torch", "triton"), "auto")
-# Set when a kernel could not run under "auto" (no compiler, unsupported GPU): from then on the
-# process uses the PyTorch path, after one warning.
-_modulation_failure: Optional[str] = None
 
 
 def set_block_kernel_backend(name: str) -> str:
@@ -68,7 +64,7 @@ def block_kernel_backend(name: str) -> ContextManager[None]:
 
 
 def _auto_uses_kernels(x: torch.Tensor) -> bool:
-    return x.is_cuda and x.dtype in _HALF_DTYPES and _modulation_failure is None
+    return x.is_cuda and x.dtype in _HALF_DTYPES and _BLOCK_KERNELS.failure is None
 
 
 def _modulation_kernels(x: torch.Tensor, *operands: torch.Tensor, parameters=()):
@@ -91,23 +87,6 @@ def _modulation_kernels(x: torch.Tensor, *operands: torch.Tensor, parameters=())
             raise
         return None
     return kernels
-
-
-def _run_kernel(kernel: Callable, fallback: Callable):
-    """``kernel()``; under "auto" a failure is reported once and gives ``fallback()`` (PyTorch), also
-    for the remaining steps of a forward that had already chosen the kernels."""
-    global _modulation_failure
-    if _modulation_failure is not None and _BLOCK_KERNELS.value != "triton":
-        return fallback()
-    try:
-        return kernel()
-    except Exception as error:
-        if _BLOCK_KERNELS.value == "triton":
-            raise
-        _modulation_failure = f"{type(error).__name__}: {error}"
-        warnings.warn(f"DiT block Triton kernels unavailable ({_modulation_failure}); using the PyTorch path",
-                      RuntimeWarning, stacklevel=3)
-        return fallback()
 
 
 class LayerNorm32(nn.LayerNorm):
@@ -259,7 +238,7 @@ class MultiHeadRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., H, D]
         kernels = _modulation_kernels(x, parameters=(self.gamma,)) if x.dim() >= 2 else None
         if kernels is not None:   # one pass, reading strided q/k views in place (engine.kernels.modulation)
-            return _run_kernel(lambda: kernels.multi_head_rms_norm(x, self.gamma, self.scale),
+            return _BLOCK_KERNELS.attempt(lambda: kernels.multi_head_rms_norm(x, self.gamma, self.scale),
                                lambda: self._torch_forward(x))
         return self._torch_forward(x)
 
@@ -426,7 +405,7 @@ class ModulatedCrossBlock(nn.Module):
         def fits(y: torch.Tensor) -> bool:
             return y.dtype == x.dtype and y.shape == x.shape and y.device == x.device
 
-        h = _run_kernel(lambda: kernels.layer_norm_modulate(x, shift_msa, scale_msa, n1.eps, weight=n1.weight,
+        h = _BLOCK_KERNELS.attempt(lambda: kernels.layer_norm_modulate(x, shift_msa, scale_msa, n1.eps, weight=n1.weight,
                                                             bias=n1.bias),
                         lambda: torch.addcmul(shift_msa, n1(x), 1 + scale_msa))
         y = self.self_attn(h, **self_attn_kwargs)
@@ -436,7 +415,7 @@ class ModulatedCrossBlock(nn.Module):
             return stream, n2(stream)
 
         if fits(y):   # a new stream: the caller's x is never written
-            x, h = _run_kernel(lambda: kernels.residual_layer_norm(x, y, gate_msa, eps=n2.eps, weight=n2.weight,
+            x, h = _BLOCK_KERNELS.attempt(lambda: kernels.residual_layer_norm(x, y, gate_msa, eps=n2.eps, weight=n2.weight,
                                                                    bias=n2.bias),
                                torch_attention_residual)
         else:
@@ -448,13 +427,13 @@ class ModulatedCrossBlock(nn.Module):
             return stream, torch.addcmul(shift_mlp, n3(stream), 1 + scale_mlp)
 
         if fits(y):   # x is this block's own stream from here on: updated in place
-            x, h = _run_kernel(lambda: kernels.residual_layer_norm(
+            x, h = _BLOCK_KERNELS.attempt(lambda: kernels.residual_layer_norm(
                 x, y, eps=n3.eps, weight=n3.weight, bias=n3.bias, shift=shift_mlp, scale=scale_mlp,
                 residual_out=x if x.is_contiguous() else None), torch_cross_residual)
         else:
             x, h = torch_cross_residual()
         y = self.mlp(h)
         if fits(y):
-            return _run_kernel(lambda: kernels.gated_residual(x, gate_mlp, y, inplace=x.is_contiguous()),
+            return _BLOCK_KERNELS.attempt(lambda: kernels.gated_residual(x, gate_mlp, y, inplace=x.is_contiguous()),
                                lambda: torch.addcmul(x, gate_mlp, y))
         return torch.addcmul(x, gate_mlp, y)

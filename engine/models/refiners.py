@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import time
-import warnings
 from types import SimpleNamespace
 from typing import Callable, ContextManager, Iterator, Optional, Sequence
 
@@ -69,13 +68,8 @@ def kernel_backend(name: str) -> ContextManager[None]:
     return _REFINER_KERNELS.use(name)
 
 
-# Set when a Triton kernel could not run under "auto" (no compiler, unsupported GPU): from then on
-# the process uses the PyTorch path, after one warning.
-_triton_failure: Optional[str] = None
-
-
 def _auto_uses_triton(x: Tensor) -> bool:
-    return x.is_cuda and _triton_failure is None
+    return x.is_cuda and _REFINER_KERNELS.failure is None
 
 
 def _triton_kernels(x: Tensor) -> Optional[SimpleNamespace]:
@@ -93,17 +87,9 @@ def _triton_kernels(x: Tensor) -> Optional[SimpleNamespace]:
 
 
 def _run_triton(fn: Callable[..., Tensor], *args, **kwargs) -> Optional[Tensor]:
-    """``fn(*args, **kwargs)``; under "auto" a failure is reported once and gives None (use PyTorch)."""
-    global _triton_failure
-    try:
-        return fn(*args, **kwargs)
-    except Exception as error:
-        if _REFINER_KERNELS.value == "triton":
-            raise
-        _triton_failure = f"{type(error).__name__}: {error}"
-        warnings.warn(f"refiner Triton kernels unavailable ({_triton_failure}); using the PyTorch path",
-                      RuntimeWarning, stacklevel=3)
-        return None
+    """``fn(*args, **kwargs)``, or None (use PyTorch) when the kernels cannot run under "auto"
+    (:meth:`BackendChoice.attempt`)."""
+    return _REFINER_KERNELS.attempt(lambda: fn(*args, **kwargs), lambda: None)
 
 
 _REFINER_CONVS = BackendChoice("refiner conv backend", ("auto", "torch", "triton", "tuned"), "auto")

@@ -465,9 +465,9 @@ def test_auto_backend_falls_back_to_torch_when_triton_cannot_run(monkeypatch):
     context = _tokens((2, 9, 24), torch.float16, gen, spread=1.0)
     with torch.no_grad(), block_kernel_backend("torch"):
         expected = block(x, t_emb, context)
-    monkeypatch.setattr(blocks, "_modulation_failure", None)
+    monkeypatch.setattr(blocks._BLOCK_KERNELS, "failure", None)
     # behave as for CUDA tensors under "auto"
-    monkeypatch.setattr(blocks, "_auto_uses_kernels", lambda t: blocks._modulation_failure is None)
+    monkeypatch.setattr(blocks, "_auto_uses_kernels", lambda t: blocks._BLOCK_KERNELS.failure is None)
 
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler")
@@ -475,7 +475,7 @@ def test_auto_backend_falls_back_to_torch_when_triton_cannot_run(monkeypatch):
     monkeypatch.setattr(mk, "residual_layer_norm", broken)
     with torch.no_grad(), block_kernel_backend("triton"), pytest.raises(RuntimeError):
         block(x, t_emb, context)
-    assert blocks._modulation_failure is None
+    assert blocks._BLOCK_KERNELS.failure is None
     with torch.no_grad(), pytest.warns(RuntimeWarning, match="no compiler") as caught:
         out = block(x, t_emb, context)
     assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1   # reported once

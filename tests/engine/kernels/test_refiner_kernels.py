@@ -296,9 +296,9 @@ def test_torch_backend_dispatch():
 
 
 def test_auto_backend_falls_back_to_torch_when_triton_cannot_run(monkeypatch):
-    monkeypatch.setattr(refiners, "_triton_failure", None)
+    monkeypatch.setattr(refiners._REFINER_KERNELS, "failure", None)
     # behave as for CUDA tensors under "auto"
-    monkeypatch.setattr(refiners, "_auto_uses_triton", lambda x: refiners._triton_failure is None)
+    monkeypatch.setattr(refiners, "_auto_uses_triton", lambda x: refiners._REFINER_KERNELS.failure is None)
 
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler")
@@ -311,7 +311,7 @@ def test_auto_backend_falls_back_to_torch_when_triton_cannot_run(monkeypatch):
         expected = refiners.group_norm_silu(x, 4, weight, bias, 1e-5, silu=True)
     with kernel_backend("triton"), pytest.raises(RuntimeError):
         refiners.group_norm_silu(x, 4, weight, bias, 1e-5, silu=True)
-    assert refiners._triton_failure is None
+    assert refiners._REFINER_KERNELS.failure is None
     with pytest.warns(RuntimeWarning, match="no compiler"):
         out = refiners.group_norm_silu(x, 4, weight, bias, 1e-5, silu=True)
     assert torch.equal(out, expected)
