@@ -184,6 +184,33 @@ def test_fewer_blocks_than_topk_and_default_tiles():
         assert close(out, want)
 
 
+def test_selection_split_between_shared_tiles_and_per_token_pass():
+    """Tiles whose tokens chose unrelated blocks go to the per-token pass: with every tile there
+    (split 0), none (split inf) or some (coherent first half, random second half), exact per-token
+    top-k attention; on two side-by-side elements too."""
+    case = make_case(8, 32, 2, seed=31, keep=0.05)
+    n, nb, topk = case["q"].shape[0], case["num_blocks"], 8
+    g = torch.Generator().manual_seed(3)
+    shared = torch.randperm(nb, generator=g)[:topk].sort().values
+    sel = torch.rand(2, n, nb, generator=g).argsort(-1)[..., :topk].sort(-1).values
+    sel[:, : n // 2] = shared          # first half: the same blocks for every token
+    sel[1, 5, 3:] = -1                 # a short selection
+    sel = sel.to(torch.int32).to(DEVICE)
+    want = ref.selection_attention(case["q"], case["k"], case["v"], sel, case["block_offsets"])
+    for split in (0.0, float("inf"), 0.45):
+        got = tk.selection_attention(case["q"], case["k"], case["v"], sel, case["block_offsets"],
+                                     tokens_per_program=4, split=split)
+        assert close(got, want), split
+    pair, rows, _ = _side_by_side_case(seed=33)
+    q, k, v = (ref._element_view(pair[name], rows) for name in ("q", "k", "v"))
+    m = rows[0].stop
+    sel2 = torch.rand(4, m, pair["num_blocks"], generator=g).argsort(-1)[..., :topk].sort(-1).values
+    sel2 = sel2.to(torch.int32).to(DEVICE)
+    want = tk.selection_attention(q, k, v, sel2, pair["block_offsets"], tokens_per_program=4)
+    got = tk.selection_attention(q, k, v, sel2, pair["block_offsets"], tokens_per_program=4, split=0.45)
+    assert close(got, want)
+
+
 def _side_by_side_case(seed: int, m: int = 2):
     """A case whose q/k/v/ck/cv hold m batch elements' rows one after the other (same coordinates)."""
     case = make_case(8, 32, 2, seed=seed, keep=0.03)
