@@ -4,6 +4,7 @@
 * :mod:`engine.kernels.group_norm`: GroupNorm (+ SiLU) on low-precision activations with fp32 statistics.
 * :mod:`engine.kernels.conv3d`: narrow 3x3x3 convolutions (per layer shape, where faster than cuDNN).
 * :mod:`engine.kernels.modulation`: fused LayerNorm / adaLN modulation / gated residuals.
+* :mod:`engine.kernels.context_attention`: the DiTs' cross-attention to the image tokens (narrow heads).
 
 :class:`BackendChoice` is the process-wide switch each model uses to pick PyTorch or Triton.
 """
@@ -79,3 +80,31 @@ def fix_interpreter_scalar_index() -> None:
 
     patched._takes_first_element = True
     interpreter._patch_lang_tensor = patched
+
+
+def fix_interpreter_bf16_dot() -> None:
+    """Triton 3.6's interpreter keeps bf16 values as their uint16 bit patterns and multiplies those
+    in ``tl.dot``; re-patch its dot to widen bf16 operands to fp32 first (exact). Idempotent; no
+    effect on compiled kernels."""
+    try:
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    builder = interpreter.InterpreterBuilder
+    original = builder.create_dot
+    if getattr(original, "_widens_bf16", False):
+        return
+
+    def widened(handle):
+        if handle.dtype != tl.bfloat16:
+            return handle
+        bits = handle.data.astype(np.uint32) << 16
+        return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original(self, widened(a), widened(b), d, input_precision, max_num_imprecise_acc)
+
+    create_dot._widens_bf16 = True
+    builder.create_dot = create_dot

@@ -89,6 +89,29 @@ def _modulation_kernels(x: torch.Tensor, *operands: torch.Tensor, parameters=())
     return kernels
 
 
+# Head widths whose cross-attention runs on `engine.kernels.context_attention` under the "auto"
+# backend: at width 32 (sparse DiTs) it beats every SDPA backend on an H100; at 64 (dense DiT) cuDNN
+# stays (bench/attention_backends.py, docs/benchmarks.md).
+CONTEXT_KERNEL_HEAD_DIMS = (32,)
+
+
+def _context_attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """`engine.kernels.context_attention.context_attention` where the block kernel backend takes it
+    for these tensors, else None (SDPA). With autograd recording, SDPA."""
+    choice = _BLOCK_KERNELS.value
+    if choice == "torch" or (choice == "auto" and not (_auto_uses_kernels(q) and q.shape[-1] in CONTEXT_KERNEL_HEAD_DIMS)):
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return None
+    try:  # imported here: tests reload the module under Triton's interpreter
+        from engine.kernels.context_attention import context_attention
+    except ImportError:
+        if choice == "triton":
+            raise
+        return None
+    return context_attention
+
+
 class LayerNorm32(nn.LayerNorm):
     """LayerNorm computed in fp32 and cast back to the input dtype.
 
@@ -332,10 +355,16 @@ class ContextCrossAttention(MultiHeadAttention):
 
     def _attend(self, x: Tensor, context: Tensor, key_mask) -> Tensor:
         q, k, v = self.project(x, context)
-        mask = None if key_mask is None else key_mask[:, None, None, :]
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=mask)
-        return self.to_out(out.transpose(1, 2).flatten(-2))
+
+        def sdpa() -> Tensor:
+            mask = None if key_mask is None else key_mask[:, None, None, :]
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 attn_mask=mask)
+            return out.transpose(1, 2)
+
+        kernel = _context_attention_kernel(q, k, v)
+        out = sdpa() if kernel is None else _BLOCK_KERNELS.attempt(lambda: kernel(q, k, v, key_mask), sdpa)
+        return self.to_out(out.flatten(-2))
 
 
 class ModulatedCrossBlock(nn.Module):

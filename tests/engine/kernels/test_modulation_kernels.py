@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
+from engine.kernels import fix_interpreter_bf16_dot  # noqa: E402
 from engine.models import blocks  # noqa: E402
 from engine.models.blocks import (ModulatedCrossBlock, MultiHeadAttention, MultiHeadRMSNorm,  # noqa: E402
                                   block_kernel_backend)
@@ -28,7 +29,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def _fix_interpreter():
-    """Two shortcomings of Triton 3.6's interpreter, patched for these tests only:
+    """Shortcomings of Triton 3.6's interpreter, patched for these tests only (and bf16 dots, see
+    `engine.kernels.fix_interpreter_bf16_dot`):
 
     * a scalar kernel argument used as an index is converted with ``int(array)`` on a shape-[1]
       array, which numpy >= 2.4 rejects: take its single element instead;
@@ -60,6 +62,7 @@ def _fix_interpreter():
 
     cast_impl._rounds_bf16 = True
     builder.cast_impl = cast_impl
+    fix_interpreter_bf16_dot()   # the blocks' cross-attention kernel multiplies bf16 tiles
 
 
 def _kernel_module():
@@ -455,6 +458,35 @@ def test_dispatch_rules(monkeypatch):
     assert blocks._modulation_kernels(x.half()) is None
     with pytest.raises(ValueError):
         blocks.set_block_kernel_backend("cuda")
+
+
+def test_cross_attention_kernel_dispatch_and_result():
+    """ContextCrossAttention: the Triton kernel under "triton" (and under "auto" for CUDA fp16 tensors
+    of a head width in CONTEXT_KERNEL_HEAD_DIMS), SDPA under "torch"; same result, with a key mask
+    and with a uniform (all-zero) context element."""
+    q = torch.randn(1, 4, 2, 32)
+    with block_kernel_backend("torch"):
+        assert blocks._context_attention_kernel(q, q, q) is None
+    with block_kernel_backend("triton"):
+        assert blocks._context_attention_kernel(q, q, q) is not None
+    assert blocks._context_attention_kernel(q, q, q) is None                     # auto: CPU fp32
+    expected_auto = DEVICE == "cuda" and 32 in blocks.CONTEXT_KERNEL_HEAD_DIMS
+    half = q.half().to(DEVICE)
+    assert (blocks._context_attention_kernel(half, half, half) is not None) == expected_auto
+    torch.manual_seed(3)
+    module = blocks.ContextCrossAttention(64, 2, 24).to(DEVICE).half().eval()
+    x = torch.randn(3, 20, 64, device=DEVICE).half()
+    context = torch.randn(3, 9, 24, device=DEVICE).half()
+    context[2] = 0
+    key_mask = torch.ones(3, 9, dtype=torch.bool, device=DEVICE)
+    key_mask[1, 5:] = False
+    with torch.inference_mode():
+        for arg in ((context, key_mask), (context, None, (False, False, True))):
+            with block_kernel_backend("torch"):
+                want = module(x, arg)
+            with block_kernel_backend("triton"):
+                got = module(x, arg)
+            assert torch.allclose(got.float(), want.float(), atol=2e-3, rtol=2e-3)
 
 
 def test_auto_backend_falls_back_to_torch_when_triton_cannot_run(monkeypatch):
