@@ -166,22 +166,22 @@ def kernel_sweep():
     import torch.nn.functional as F
 
     import engine.kernels.conv3d as conv
-    for size, cin, cout in ((192, 8, 8), (192, 16, 8), (192, 8, 27), (192, 1, 8), (256, 8, 8), (256, 16, 8),
-                            (256, 8, 1)):
+    for size, cin, cout in ((192, 8, 8), (192, 16, 8), (192, 8, 27), (192, 1, 8), (192, 8, 1), (256, 8, 8),
+                            (256, 1, 8), (256, 8, 1)):
         voxels = size ** 3
-        x = torch.randn(1, cin, size, size, size, device=device, dtype=half).contiguous(memory_format=cl)
-        w = (torch.randn(cout, cin, 3, 3, 3, device=device, dtype=half) / 10).contiguous(memory_format=cl)
+        x = torch.randn(1, cin, size, size, size, device=device, dtype=half).to(memory_format=cl)
+        w = (torch.randn(cout, cin, 3, 3, 3, device=device, dtype=half) / 10).to(memory_format=cl)
         nbytes = 2 * voxels * (cin + cout)
         report(f"cuDNN conv {cin}->{cout} at {size}^3", lambda: F.conv3d(x, w, None, 1, 1), nbytes)
         reference = F.conv3d(x, w, None, 1, 1)
-        for tile in ((2, 4, 16), (1, 4, 32), (2, 4, 32), (1, 8, 16)):
+        default = conv.row_plan(cin, cout)
+        for tile in (default.tile, (2, 4, 16), (1, 16, 16)):
             for warps in (4, 8):
-                conv._TAPS_WARPS = warps
-                out = conv.conv3d_3x3x3(x, w, None, tile=tile)
+                plan = default._replace(tile=tile, warps=warps)
+                out = conv.conv3d_3x3x3(x, w, None, plan=plan)
                 error = float((out.float() - reference.float()).abs().max())
-                report(f"tap-group conv {cin}->{cout} at {size}^3 ({tile}, {warps} warps, max diff {error:.1e})",
-                       lambda: conv.conv3d_3x3x3(x, w, None, tile=tile), nbytes)
-        conv._TAPS_WARPS = 4
+                report(f"row conv {cin}->{cout} at {size}^3 ({tile}, {warps} warps, max diff {error:.1e})",
+                       lambda: conv.conv3d_3x3x3(x, w, None, plan=plan), nbytes)
         del x, w, out, reference
     size = 192
     voxels = size ** 3

@@ -1,21 +1,28 @@
 """Triton 3x3x3 convolution (stride 1, zero padding 1) for the refiners' narrow full-resolution layers.
 
 The refiners run many convolutions with few channels (1..40 in, 1..32 out) on 192^3 / 256^3
-patches. Each is memory-bound: a program takes ``BLOCK_V`` consecutive voxels, and for each of the
-27 taps loads the neighbour tile [BLOCK_V, Cin] (zero outside the volume; neighbours mostly come
-from cache) and multiplies it by that tap's [Cin, Cout] weight slice with ``tl.dot`` (channel
-counts padded to the dot's minimum of 16 inside registers only), accumulating in fp32. The bias
-is added in fp32 and the result rounded once to the input dtype.
+patches, each memory-bound. Two kernels:
 
-Works on any 5D layout (plain contiguous or ``channels_last_3d``; the output is channels_last_3d
-when the input or the weight is, as cuDNN decides),
-weights in the ``nn.Conv3d`` layout [Cout, Cin, 3, 3, 3] read through their strides. fp32 inputs
-use IEEE fp32 dot products (no TF32).
+* ``_conv3_rows_kernel`` (fp16 / bf16, channels innermost, 1, 2, 4, .., 32 input channels): in
+  channels_last_3d a W-row of voxels is one contiguous run of W * Cin values, so the input of a
+  segment of a few voxels plus a halo on each side is one vector load, and the three W taps of
+  all the segment's voxels are one banded weight matrix. A program makes 9 ``tl.dot`` calls, one
+  per (D, H) row offset, software-pipelined (the loads go straight to shared memory). The
+  epilogue rounds the convolution, then adds the bias and rounds again (cuDNN plus ATen's
+  separate ``add_``) and optionally applies a ReLU.
+* ``_conv3_kernel`` (any layout and channel count, also fp32): a program takes ``BLOCK_V``
+  consecutive voxels, and for each of the 27 taps multiplies the neighbour tile [BLOCK_V, Cin]
+  (zero outside the volume) by that tap's [Cin, Cout] weight slice, accumulating in fp32 (IEEE
+  fp32 dot products for fp32 inputs, no TF32); the bias is added in fp32 and the result rounded once.
+
+The output is channels_last_3d when the input or the weight is (cuDNN's rule); weights are in
+the ``nn.Conv3d`` layout [Cout, Cin, 3, 3, 3].
 """
 from __future__ import annotations
 
+import functools
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -24,7 +31,8 @@ from torch import Tensor
 
 from .tiles import box_voxels
 
-__all__ = ["conv3d_3x3x3", "channels_last_strides", "MAX_IN_CHANNELS", "MAX_OUT_CHANNELS"]
+__all__ = ["conv3d_3x3x3", "rounds_bias_separately", "row_plan", "RowPlan", "channels_last_strides",
+           "MAX_IN_CHANNELS", "MAX_OUT_CHANNELS"]
 
 MAX_IN_CHANNELS = 64
 MAX_OUT_CHANNELS = 32
@@ -74,49 +82,51 @@ def _conv3_kernel(x_ptr, w_ptr, b_ptr, out_ptr, D, H, W,
 
 
 @triton.jit
-def _conv3_taps_kernel(x_ptr, w_ptr, out_ptr, D, H, W, tiles_h, tiles_w, sxb, sob,
-                       CIN: tl.constexpr, COUT: tl.constexpr, NP: tl.constexpr, KG: tl.constexpr,
-                       GROUPS: tl.constexpr, TD: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
-    """Channels-innermost input and output (voxel strides CIN and COUT, 32-bit offsets). A program
-    takes a TD x TH x TW box of voxels; the 27 x CIN im2col columns are taken KG at a time (KG / CIN
-    whole taps, zero beyond tap 26), each group one tl.dot with its [KG, NP] slice of the packed weight
-    (rows tap * CIN + ci). Each tap's CIN channels are one vector load."""
+def _conv3_rows_kernel(x_ptr, w_ptr, b_ptr, out_ptr, D, H, W, S, tiles_h, tiles_s, sxb, sob,
+                       CIN: tl.constexpr, COUT: tl.constexpr, G: tl.constexpr, SPAN: tl.constexpr,
+                       NP: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+                       TD: tl.constexpr, TH: tl.constexpr, TS: tl.constexpr, STAGES: tl.constexpr):
+    """Channels-innermost input and output (voxel strides CIN and COUT, 32-bit offsets).
+
+    Each W-row is cut into S segments of G voxels. One dot row is a segment: its input is the
+    SPAN = G + 2 * HALO voxels around it (SPAN * CIN contiguous values, one vector load), its output
+    the G * COUT contiguous values of its G voxels. A program takes a TD x TH x TS box of segments and
+    makes one tl.dot per (dd, dh) row offset with that offset's banded weight [SPAN * CIN, NP]
+    (row j * CIN + ci, column g * COUT + co holds w[co, ci, dd, dh, dw] where j = g + dw - 1 + HALO):
+    the three W taps come from the band, the W halo from the wider span."""
+    HALO: tl.constexpr = (SPAN - G) // 2
+    K: tl.constexpr = SPAN * CIN
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    tile_d, tile_h, tile_w, di, hi, wi, valid, voxel = box_voxels(pid, D, H, W, tiles_h, tiles_w, TD, TH, TW)
-    plane = H * W
-    column = tl.arange(0, KG)
-    channel = column % CIN
-    outputs = tl.arange(0, NP)
+    _, _, _, di, hi, si, valid, _ = box_voxels(pid, D, H, S, tiles_h, tiles_s, TD, TH, TS)
+    column = tl.arange(0, K)
+    first = si * G - HALO  # first voxel of the span
+    span_w = first[:, None] + (column // CIN)[None, :]
+    in_row = (span_w >= 0) & (span_w < W)  # zero padding along W (and no reads past a row's end)
+    start = ((di * H + hi) * W + first) * CIN
     x_base = x_ptr + b * sxb
-    # a box whose neighbours all lie inside the volume needs no per-element bounds test (most boxes)
-    interior = (tile_d * TD >= 1) & ((tile_d + 1) * TD <= D - 1) & (tile_h * TH >= 1) \
-        & ((tile_h + 1) * TH <= H - 1) & (tile_w * TW >= 1) & ((tile_w + 1) * TW <= W - 1)
-    acc = tl.zeros([TD * TH * TW, NP], dtype=tl.float32)
-    for group in tl.static_range(GROUPS):
-        tap = group * (KG // CIN) + column // CIN
-        dd = tap // 9 - 1
-        dh = (tap // 3) % 3 - 1
-        dw = tap % 3 - 1
-        shift = (dd * plane + dh * W + dw) * CIN + channel
-        pointers = x_base + voxel[:, None] * CIN + shift[None, :]
-        if interior:
-            if (group + 1) * (KG // CIN) > 27:  # the last group's columns past tap 26 are zero
-                x = tl.load(pointers, mask=tl.broadcast_to((tap < 27)[None, :], [TD * TH * TW, KG]), other=0.0)
-            else:
-                x = tl.load(pointers)
-        else:
-            nd = di[:, None] + dd[None, :]
-            nh = hi[:, None] + dh[None, :]
-            nw = wi[:, None] + dw[None, :]
-            inside = valid[:, None] & (tap < 27)[None, :] & (nd >= 0) & (nd < D) & (nh >= 0) & (nh < H) \
-                & (nw >= 0) & (nw < W)
-            x = tl.load(pointers, mask=inside, other=0.0)
-        w = tl.load(w_ptr + (group * KG + column)[:, None] * NP + outputs[None, :])
+    outputs = tl.arange(0, NP)
+    acc = tl.zeros([TD * TH * TS, NP], dtype=tl.float32)
+    for pair in tl.range(0, 9, num_stages=STAGES):
+        dd = pair // 3 - 1
+        dh = pair % 3 - 1
+        nd = di + dd
+        nh = hi + dh
+        row_ok = valid & (nd >= 0) & (nd < D) & (nh >= 0) & (nh < H)
+        x = tl.load(x_base + (start + (dd * H + dh) * W * CIN)[:, None] + column[None, :],
+                    mask=row_ok[:, None] & in_row, other=0.0)
+        w = tl.load(w_ptr + (pair * K + column)[:, None] * NP + outputs[None, :])
         acc = tl.dot(x, w, acc)
-    out_mask = valid[:, None] & (outputs < COUT)[None, :]
-    tl.store(out_ptr + b * sob + voxel[:, None] * COUT + outputs[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=out_mask)
+    y = acc.to(out_ptr.dtype.element_ty)
+    voxel_w = (si * G)[:, None] + (outputs // COUT)[None, :]
+    out_mask = valid[:, None] & (outputs < G * COUT)[None, :] & (voxel_w < W)
+    if HAS_BIAS:  # rounded as cuDNN's convolution followed by ATen's separate add_
+        bias = tl.load(b_ptr + outputs % COUT, mask=outputs < G * COUT, other=0.0).to(tl.float32)
+        y = (y.to(tl.float32) + bias[None, :]).to(out_ptr.dtype.element_ty)
+    if RELU:
+        y = tl.maximum(y, 0.0)
+    out_start = ((di * H + hi) * W + si * G) * COUT
+    tl.store(out_ptr + b * sob + out_start[:, None] + outputs[None, :], y, mask=out_mask)
 
 
 def channels_last_strides(t: Tensor) -> bool:
@@ -141,48 +151,81 @@ def _output_layout(x: Tensor, weight: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-_TAPS_TILE = (2, 4, 32)
-_TAPS_WARPS = 4
+class RowPlan(NamedTuple):
+    """Launch choices of the row kernel: ``group`` voxels per segment, ``span`` voxels read per
+    segment (the group plus an equal halo each side; ``span * Cin`` a power of two >= 16), the
+    (depth, height, segments) box of a program, warps and software-pipelining stages."""
+    group: int
+    span: int
+    tile: tuple
+    warps: int = 4
+    stages: int = 3
 
 
-def _taps_kernel_fits(x: Tensor, out: Tensor) -> bool:
-    """Whether the tap-group kernel takes this convolution: fp16 / bf16, channels innermost in input
-    and output, 1..32 input channels in a power of two, 32-bit offsets."""
-    cin, cout = x.shape[1], out.shape[1]
-    if x.dtype not in (torch.float16, torch.bfloat16) or cin & (cin - 1) or cin > 32 or cout > 32:
+def row_plan(cin: int, cout: int) -> RowPlan:
+    """The row kernel's launch choices for ``cin -> cout`` channels (timed on an H100 at 192^3:
+    segments of 4 voxels for 8 input channels, 2 from 16 on, 8 / Cin below; 1 x 8 x 16 boxes)."""
+    group = 4 if cin == 8 else 2 if cin > 8 else max(2, 8 // cin)
+    tile = (2, 4, 8) if os.environ.get("TRITON_INTERPRET") == "1" else (1, 8, 16)  # the interpreter pays per program
+    return RowPlan(group, 2 * group, tile, warps=4 if cin == 1 or cout > 16 else 8)
+
+
+def rounds_bias_separately(x: Tensor, weight: Tensor) -> bool:
+    """Whether :func:`conv3d_3x3x3` runs this convolution on the row kernel, which rounds the
+    convolution and then the bias add (cuDNN plus ATen's separate ``add_``): fp16 / bf16, channels
+    innermost in input and output, 1, 2, 4, .., 32 input channels, at most 32 outputs, 32-bit offsets."""
+    cout, cin = weight.shape[:2]
+    if x.dim() != 5 or x.dtype not in (torch.float16, torch.bfloat16) or cin & (cin - 1) or cin > 32 \
+            or cout > 32 or x.shape[1] != cin:
         return False
-    voxels = x[0, 0].numel()
-    dense = all((t.shape[1] == 1 or t.stride(1) == 1) and t.stride(2) == t.shape[1] * t.shape[3] * t.shape[4]
-                and t.stride(3) == t.shape[1] * t.shape[4] and t.stride(4) == t.shape[1] for t in (x, out))
-    return dense and (voxels + 2 * x.shape[3] * x.shape[4]) * max(cin, cout) < 2 ** 31 - 1
+    _, _, depth, height, width = x.shape
+    dense_in = (cin == 1 or x.stride(1) == 1) and x.stride(2) == cin * height * width \
+        and x.stride(3) == cin * width and x.stride(4) == cin
+    # the largest offset formed: a span past the end of the last row of a box past the volume
+    small = (depth * height * width + 2 * height * width + 64) * max(cin, cout) < 2 ** 31 - 1
+    return dense_in and small and (cout == 1 or _output_layout(x, weight) == torch.channels_last_3d)
 
 
-def _conv_by_tap_groups(x: Tensor, weight: Tensor, out: Tensor, tile: Optional[tuple]) -> None:
+@functools.lru_cache(maxsize=None)
+def _band_index(device: torch.device, cin: int, cout: int, group: int, span: int, n_pad: int) -> Tensor:
+    """Gather index of the banded weights [9, span * cin, n_pad] (see ``_conv3_rows_kernel``) into
+    the flattened taps ``weight.permute(2, 3, 4, 1, 0)`` [(dd, dh, dw, ci, co)] followed by one zero."""
+    halo = (span - group) // 2
+    index = torch.full((9, span, cin, n_pad), 27 * cin * cout, dtype=torch.long)
+    ci = torch.arange(cin).view(cin, 1)
+    co = torch.arange(cout).view(1, cout)
+    for pair in range(9):
+        for g in range(group):
+            for dw in range(3):
+                index[pair, g + dw - 1 + halo, :, g * cout:(g + 1) * cout] = ((pair * 3 + dw) * cin + ci) * cout + co
+    return index.reshape(-1).to(device)
+
+
+def _conv_by_rows(x: Tensor, weight: Tensor, bias: Optional[Tensor], relu: bool, out: Tensor,
+                  plan: RowPlan) -> None:
     batch, cin, depth, height, width = x.shape
     cout = weight.shape[0]
-    # columns per dot: whole taps, at least 16 (the dot's minimum) and at most 64
-    group = max(16, min(64, triton.next_power_of_2(27 * cin) // 2 if cin == 1 else 64 // cin * cin))
-    groups = triton.cdiv(27 * cin, group)
-    n_pad = max(16, triton.next_power_of_2(cout))
-    # packed weight: row tap * cin + ci, column co (zero rows past tap 26, zero columns past cout)
-    packed = torch.zeros(groups * group, n_pad, dtype=x.dtype, device=x.device)
-    packed[:27 * cin, :cout] = weight.permute(2, 3, 4, 1, 0).reshape(27 * cin, cout)
-    td, th, tw = tile or ((2, 4, 8) if os.environ.get("TRITON_INTERPRET") == "1" else _TAPS_TILE)
-    tiles_d, tiles_h, tiles_w = triton.cdiv(depth, td), triton.cdiv(height, th), triton.cdiv(width, tw)
-    _conv3_taps_kernel[(tiles_d * tiles_h * tiles_w, batch)](
-        x, packed, out, depth, height, width, tiles_h, tiles_w, x.stride(0), out.stride(0),
-        CIN=cin, COUT=cout, NP=n_pad, KG=group, GROUPS=groups, TD=td, TH=th, TW=tw, num_warps=_TAPS_WARPS)
+    n_pad = max(16, triton.next_power_of_2(plan.group * cout))
+    taps = torch.cat([weight.permute(2, 3, 4, 1, 0).reshape(-1), weight.new_zeros(1)])
+    banded = taps[_band_index(x.device, cin, cout, plan.group, plan.span, n_pad)]
+    segments = triton.cdiv(width, plan.group)
+    td, th, ts = plan.tile
+    tiles_d, tiles_h, tiles_s = triton.cdiv(depth, td), triton.cdiv(height, th), triton.cdiv(segments, ts)
+    _conv3_rows_kernel[(tiles_d * tiles_h * tiles_s, batch)](
+        x, banded, bias if bias is not None else banded, out, depth, height, width, segments, tiles_h, tiles_s,
+        x.stride(0), out.stride(0), CIN=cin, COUT=cout, G=plan.group, SPAN=plan.span, NP=n_pad,
+        HAS_BIAS=bias is not None, RELU=relu, TD=td, TH=th, TS=ts, STAGES=plan.stages, num_warps=plan.warps)
 
 
-def conv3d_3x3x3(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
-                 block_voxels: Optional[int] = None, tile: Optional[tuple] = None) -> Tensor:
-    """``F.conv3d(x, weight, bias, padding=1)`` for ``weight`` [Cout, Cin, 3, 3, 3] with
-    Cin <= 64 and Cout <= 32; ``x`` [B, Cin, D, H, W] of the weight's dtype.
+def conv3d_3x3x3(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, relu: bool = False,
+                 block_voxels: Optional[int] = None, plan: Optional[RowPlan] = None) -> Tensor:
+    """``F.conv3d(x, weight, bias, padding=1)``, then ``clamp_min(0)`` with ``relu``, for ``weight``
+    [Cout, Cin, 3, 3, 3] with Cin <= 64 and Cout <= 32; ``x`` [B, Cin, D, H, W] of the weight's dtype.
 
-    Low-precision channels_last_3d inputs with 1, 2, 4, .., 32 channels go to the tap-group kernel
-    (``tile``: its (depth, height, width) box); the rest (and any call with ``block_voxels``) to the
-    per-tap kernel. With a bias, the tap-group path rounds the convolution first and then the bias
-    add, as cuDNN plus ATen's separate ``add_`` do.
+    Low-precision channels_last_3d inputs with 1, 2, 4, .., 32 channels go to the row kernel
+    (``plan``: its launch choices, default :func:`row_plan`); the rest (and any call with
+    ``block_voxels``) to the per-tap kernel. With a bias, the row kernel rounds the convolution first
+    and then the bias add, as cuDNN plus ATen's separate ``add_`` do; the per-tap kernel rounds once.
     """
     if x.dim() != 5 or weight.dim() != 5 or tuple(weight.shape[2:]) != (3, 3, 3):
         raise ValueError(f"expected x [B, C, D, H, W] and weight [Cout, Cin, 3, 3, 3], got "
@@ -198,11 +241,8 @@ def conv3d_3x3x3(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                       memory_format=_output_layout(x, weight))
     if out.numel() == 0:
         return out
-    if _taps_kernel_fits(x, out) and (tile is not None or block_voxels is None):
-        _conv_by_tap_groups(x, weight, out, tile)
-        if bias is not None:
-            from engine.kernels.group_norm import bias_residual_
-            bias_residual_(out, bias)  # rounded as ATen's add_ after cuDNN
+    if rounds_bias_separately(x, weight) and (plan is not None or block_voxels is None):
+        _conv_by_rows(x, weight, bias, relu, out, plan or row_plan(in_channels, out_channels))
         return out
     k_pad = max(16, triton.next_power_of_2(in_channels))
     n_pad = max(16, triton.next_power_of_2(out_channels))
@@ -214,4 +254,4 @@ def conv3d_3x3x3(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                         *x.stride(), *weight.stride(), *out.stride(),
                         CIN=in_channels, COUT=out_channels, KP=k_pad, NP=n_pad, HAS_BIAS=bias is not None,
                         IEEE=x.dtype == torch.float32, BLOCK_V=block_voxels, num_warps=4)
-    return out
+    return out.clamp_min_(0) if relu else out

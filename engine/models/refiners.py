@@ -140,14 +140,31 @@ class Conv3x3x3(nn.Conv3d):
     def __init__(self, in_channels: int, out_channels: int, bias: bool = True):
         super().__init__(in_channels, out_channels, 3, padding=1, bias=bias)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, relu: bool = False) -> Tensor:
+        """The convolution with its bias, then ``clamp_min(0)`` with ``relu`` (``nn.ReLU``'s values);
+        both run in the Triton row kernel's epilogue where that kernel takes the layer."""
+        kernel = self._triton_kernel(x)
+        if kernel is not None and kernel.rounds_bias_separately(x, self.weight):
+            return kernel.conv3d_3x3x3(x, self.weight, self.bias, relu=relu)
         out, pending_bias = self.forward_unbiased(x)
-        return add_bias_residual_(out, pending_bias)
+        out = add_bias_residual_(out, pending_bias)
+        return out.clamp_min_(0) if relu else out
 
     def forward_unbiased(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         """(output, bias still to add): with the Triton kernels and cuDNN convolutions the bias is left
         to the consumer (a norm's ``pre_bias`` or :func:`add_bias_residual_`), which adds it with the
         rounding of ATen's separate ``add_`` after cuDNN, without a pass of its own."""
+        kernel = self._triton_kernel(x)
+        if kernel is not None:
+            if self.bias is not None and _triton_kernels(x) is not None:
+                return kernel.conv3d_3x3x3(x, self.weight, None), self.bias
+            return kernel.conv3d_3x3x3(x, self.weight, self.bias), None
+        if self.bias is not None and x.dim() == 5 and _triton_kernels(x) is not None:
+            return F.conv3d(x, self.weight, None, self.stride, self.padding, self.dilation, self.groups), self.bias
+        return super().forward(x), None
+
+    def _triton_kernel(self, x: Tensor):
+        """:mod:`engine.kernels.conv3d` when this call runs there (see :func:`set_conv_backend`), else None."""
         mode = _REFINER_CONVS.value
         if mode == "auto":
             mode = "tuned" if x.is_cuda and _triton_kernels(x) is not None else "torch"
@@ -156,12 +173,8 @@ class Conv3x3x3(nn.Conv3d):
             import engine.kernels.conv3d as kernel  # imported here: tests reload it under the interpreter
             if self.in_channels <= kernel.MAX_IN_CHANNELS and self.out_channels <= kernel.MAX_OUT_CHANNELS:
                 if mode == "triton" or self._tuned_choice(x, kernel) == "triton":
-                    if self.bias is not None and _triton_kernels(x) is not None:
-                        return kernel.conv3d_3x3x3(x, self.weight, None), self.bias
-                    return kernel.conv3d_3x3x3(x, self.weight, self.bias), None
-        if self.bias is not None and x.dim() == 5 and _triton_kernels(x) is not None:
-            return F.conv3d(x, self.weight, None, self.stride, self.padding, self.dilation, self.groups), self.bias
-        return super().forward(x), None
+                    return kernel
+        return None
 
     def _tuned_choice(self, x: Tensor, kernel) -> str:
         key = (self.in_channels, self.out_channels, self.bias is None, tuple(x.shape), x.dtype, x.device,
@@ -528,10 +541,16 @@ def adaptive_filter(x: Tensor, raw_weights: Tensor, iterations: int = 3) -> Tens
     return x
 
 
+class _AdaptiveWeightNet(nn.Sequential):
+    """conv(8->8, 3) + ReLU + conv(8->27, 3, no bias): keys ``.0`` and ``.2``; the ReLU runs in the
+    first convolution's epilogue where the Triton row kernel takes it."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self[2](self[0](x, relu=True))
+
+
 def _adaptive_weight_net(channels: int = 8) -> nn.Sequential:
-    """conv(8->8, 3) + ReLU + conv(8->27, 3, no bias): keys ``.0`` and ``.2``."""
-    return nn.Sequential(Conv3x3x3(channels, channels), nn.ReLU(),
-                         Conv3x3x3(channels, 27, bias=False))
+    return _AdaptiveWeightNet(Conv3x3x3(channels, channels), nn.ReLU(), Conv3x3x3(channels, 27, bias=False))
 
 
 class GeoDecoder(nn.Module):

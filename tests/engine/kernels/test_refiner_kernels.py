@@ -338,28 +338,48 @@ def test_conv_kernel_matches_conv3d(cin, cout, channels_last, bias):
     _assert_one_rounding(out, expected, atol=1e-4)
 
 
-@pytest.mark.parametrize("cin, cout, tile", [
-    (8, 8, (1, 2, 2)), (16, 8, (1, 4, 4)), (1, 8, (1, 2, 2)), (8, 27, (2, 2, 8)), (32, 16, (1, 2, 8))])
-def test_tap_group_conv_kernel_matches_conv3d(cin, cout, tile):
+# the refiners' channel pairs (1->8, 16->8, 8->8, 8->27, 8->1) and a few other powers of two; both
+# segment widths for 8->8; boxes with ragged edges; a row shorter than one segment's span (W = 3)
+@pytest.mark.parametrize("cin, cout, group, tile", [
+    (8, 8, 4, (1, 2, 2)), (8, 8, 2, (2, 2, 4)), (16, 8, 2, (1, 4, 4)), (1, 8, 8, (1, 2, 2)), (8, 27, 2, (2, 2, 8)),
+    (8, 1, 4, (1, 2, 2)), (2, 3, 4, (1, 2, 2)), (4, 5, 2, (2, 1, 2)), (32, 16, 2, (1, 2, 4))])
+@pytest.mark.parametrize("size", [(5, 6, 7), (3, 4, 3)])
+def test_row_conv_kernel_matches_conv3d(cin, cout, group, tile, size):
     dtype = torch.float16
     gen = torch.Generator().manual_seed(12)
-    # 5 x 6 x 7 with boxes of 1 x 2 x 2: interior boxes (no bounds tests), border boxes and ragged ones
-    x = (torch.randn(2, cin, 5, 6, 7, generator=gen).to(dtype)).contiguous(memory_format=CL).to(DEVICE)
-    # channels_last weights as in the refiners (so a 1-channel input still gives a channels_last output)
+    # restrided to channels_last_3d as the refiners do (also one-channel tensors, whose layout is ambiguous)
+    x = torch.randn(2, cin, *size, generator=gen).to(dtype).to(DEVICE, memory_format=CL)
     weight = (torch.randn(cout, cin, 3, 3, 3, generator=gen) / (3 * cin ** 0.5)).to(dtype)
-    weight = weight.contiguous(memory_format=CL).to(DEVICE)
+    weight = weight.to(DEVICE, memory_format=CL)
     b = torch.randn(cout, generator=gen).to(dtype).to(DEVICE)
-    assert conv_kernels._taps_kernel_fits(x, x[:, :1].expand(2, cout, 5, 6, 7).contiguous(memory_format=CL))
-    out = conv_kernels.conv3d_3x3x3(x, weight, None, tile=tile)  # boxes with ragged edges
-    assert out.shape == (2, cout, 5, 6, 7) and (cin == 1 or out.is_contiguous(memory_format=CL))
+    assert conv_kernels.rounds_bias_separately(x, weight)
+    plan = conv_kernels.RowPlan(group, 2 * group, tile)
+    out = conv_kernels.conv3d_3x3x3(x, weight, None, plan=plan)
+    assert out.shape == (2, cout, *size) and out.is_contiguous(memory_format=CL)
     exact = F.conv3d(x.double(), weight.double(), None, padding=1)
     _assert_one_rounding(out, exact.to(dtype), atol=2e-3)
-    # with a bias: the convolution rounded, then the bias add rounded (cuDNN + ATen's add_)
-    biased = conv_kernels.conv3d_3x3x3(x, weight, b, tile=tile)
-    if conv_kernels._taps_kernel_fits(x, out):  # (a 1-channel input may give a contiguous output: old kernel)
-        assert torch.equal(biased, out + b.view(1, cout, 1, 1, 1))
-    else:
-        _assert_one_rounding(biased, (exact + b.double().view(1, cout, 1, 1, 1)).to(dtype), atol=1e-3)
+    # with a bias: the convolution rounded, then the bias add rounded (cuDNN + ATen's add_); the ReLU after
+    biased = out + b.view(1, cout, 1, 1, 1)
+    assert torch.equal(conv_kernels.conv3d_3x3x3(x, weight, b, plan=plan), biased)
+    assert torch.equal(conv_kernels.conv3d_3x3x3(x, weight, b, relu=True, plan=plan), biased.clamp_min(0))
+    # the default plan of this channel pair
+    _assert_one_rounding(conv_kernels.conv3d_3x3x3(x, weight, None), exact.to(dtype), atol=2e-3)
+
+
+def test_row_conv_kernel_takes_only_dense_channels_inner_layouts():
+    x = torch.randn(1, 8, 4, 4, 4, device=DEVICE).half()
+    weight = torch.randn(8, 8, 3, 3, 3, device=DEVICE).half()
+    assert conv_kernels.rounds_bias_separately(x.contiguous(memory_format=CL), weight)
+    assert not conv_kernels.rounds_bias_separately(x, weight)  # channels outermost
+    assert not conv_kernels.rounds_bias_separately(x.contiguous(memory_format=CL).float(), weight.float())
+    assert not conv_kernels.rounds_bias_separately(x[:, :6].contiguous(memory_format=CL), weight[:, :6])
+    sliced = x.contiguous(memory_format=CL)[:, :, :, :, :3]  # rows with a gap
+    assert not conv_kernels.rounds_bias_separately(sliced, weight)
+    # one input channel: the output follows the weight's layout; a contiguous 8-channel output is out
+    sdf = torch.rand(1, 1, 4, 4, 4, device=DEVICE).half()
+    assert conv_kernels.rounds_bias_separately(sdf, weight[:, :1].contiguous(memory_format=CL))
+    assert not conv_kernels.rounds_bias_separately(sdf, weight[:, :1].contiguous())
+    assert conv_kernels.rounds_bias_separately(sdf, weight[:1, :1].contiguous())  # one channel in and out
 
 
 def test_conv_kernel_output_layout_follows_cudnn_rule():
@@ -400,6 +420,26 @@ def test_conv_module_dispatch():
         with conv_backend("triton"):
             assert torch.equal(wide(x), expected_wide)
             _assert_one_rounding(narrow(x), expected_narrow, atol=1e-3)
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_conv_module_fuses_bias_and_relu_as_separate_ops(kernels):
+    """Conv3x3x3(x, relu=True) on the row kernel: the convolution, ATen's bias add_ and the ReLU, each
+    rounded; the adaptive-weight nets use it for their first convolution."""
+    gen = torch.Generator().manual_seed(9)
+    net = refiners._adaptive_weight_net(8).half().to(DEVICE)
+    assert list(net.state_dict()) == ["0.weight", "0.bias", "2.weight"]
+    x = torch.randn(1, 8, 5, 4, 6, generator=gen).half().to(DEVICE).contiguous(memory_format=CL)
+    first = net[0]
+    with torch.no_grad(), kernel_backend(kernels), conv_backend("triton"):
+        unbiased = conv_kernels.conv3d_3x3x3(x, first.weight, None)
+        expected = (unbiased + first.bias.view(1, 8, 1, 1, 1)).clamp_min(0)
+        assert torch.equal(first(x, relu=True), expected)
+        assert torch.equal(first(x), unbiased + first.bias.view(1, 8, 1, 1, 1))
+        assert torch.equal(net(x), conv_kernels.conv3d_3x3x3(expected, net[2].weight, None))
+        with conv_backend("torch"):
+            reference = torch.nn.Sequential(*net)(x)  # nn.ReLU, cuDNN / ATen convolutions
+    _assert_one_rounding(net(x), reference, atol=2e-3)
 
 
 def test_tuned_conv_backend_times_each_shape_once_and_falls_back(monkeypatch):
@@ -515,8 +555,12 @@ build(group_norm._apply, dict(x_ptr=half, bias_ptr=half, out_ptr=half, scale_ptr
       dict(SILU=True, HAS_BIAS=True, XSTRIDE=8, OSTRIDE=8, BLOCK_V=512, BLOCK_C=8), 8)
 build(group_norm._bias_residual, dict(out_ptr=half, bias_ptr=half, res_ptr=half, res_bias_ptr=half),
       dict(C=8, CHANNELS_INNER=True, HAS_BIAS=True, HAS_RES=True, HAS_RES_BIAS=True, WIDE=False, BLOCK=2048), 4)
-build(conv3d._conv3_taps_kernel, dict(x_ptr=half, w_ptr=half, out_ptr=half),
-      dict(CIN=8, COUT=8, NP=16, KG=64, GROUPS=4, TD=2, TH=4, TW=16), 4)
+for cin, cout in ((8, 8), (16, 8), (8, 27), (1, 8), (8, 1)):
+    plan = conv3d.row_plan(cin, cout)
+    build(conv3d._conv3_rows_kernel, dict(x_ptr=half, w_ptr=half, b_ptr=half, out_ptr=half),
+          dict(CIN=cin, COUT=cout, G=plan.group, SPAN=plan.span, NP=max(16, triton.next_power_of_2(plan.group * cout)),
+               HAS_BIAS=True, RELU=cin == cout, TD=plan.tile[0], TH=plan.tile[1], TS=plan.tile[2],
+               STAGES=plan.stages), plan.warps)
 build(conv3d._conv3_kernel, dict(x_ptr=half, w_ptr=half, b_ptr=half, out_ptr=half),
       dict(CIN=40, COUT=8, KP=64, NP=16, HAS_BIAS=True, IEEE=False, BLOCK_V=128), 4)
 """
@@ -528,6 +572,6 @@ def test_kernels_compile_for_sm90():
     from helpers.sm90 import compile_for_sm90
 
     stdout = compile_for_sm90(_SM90_SCRIPT)
-    assert stdout.count("compiled") == 8
-    assert "_conv3_taps_kernel True compiled" in stdout
+    assert stdout.count("compiled") == 12
+    assert stdout.count("_conv3_rows_kernel True compiled") == 5
     assert "_conv3_kernel True compiled" in stdout  # the conv runs on tensor cores
