@@ -207,10 +207,13 @@ class CUDAGraphRunner:
         self.graph, self.static_inputs, self.static_output = None, [], None
         warnings.warn(f"CUDA graphs disabled for this sampler: {reason}", RuntimeWarning, stacklevel=3)
 
-    def _side_stream(self, device: torch.device):
-        stream = getattr(self, "_stream", None)
+    def _side_stream(self, device: torch.device, purpose: str = "checked"):
+        """A stream of this runner's own for the checked call or for the capture (two, so that a
+        capture never begins on a stream with queued work)."""
+        streams = self.__dict__.setdefault("_streams", {})
+        stream = streams.get(purpose)
         if stream is None or stream.device != device:
-            stream = self._stream = torch.cuda.Stream(device)
+            stream = streams[purpose] = torch.cuda.Stream(device)
         return stream
 
     def _checked_call(self, inputs) -> torch.Tensor:
@@ -242,10 +245,12 @@ class CUDAGraphRunner:
         self.static_inputs = [t.detach().clone() for t in inputs]
         graph = torch.cuda.CUDAGraph()
         try:
-            torch.cuda.synchronize(device)
-            # capture_begin/end directly rather than `torch.cuda.graph`, whose gc.collect() and
-            # empty_cache() would cost every stage of every generation tens of milliseconds
-            with torch.cuda.stream(self._side_stream(device)):
+            # capture_begin/end directly rather than `torch.cuda.graph`, whose synchronize(),
+            # gc.collect() and empty_cache() would cost every stage of every generation tens of
+            # milliseconds. No synchronisation either: capturing only records kernels, so the host
+            # builds the graph while the GPU still runs the previous (checked) step, and the replay
+            # is queued behind it on the caller's stream.
+            with torch.cuda.stream(self._side_stream(device, "capture")):
                 graph.capture_begin()
                 try:
                     output = self.fn(*self.static_inputs)

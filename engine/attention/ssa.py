@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -216,6 +217,7 @@ class SSALayout:
     pe_index: Tensor         # int64 [N]: flat index of (x%c, y%c, z%c) into intra_block_pe
     elements: list[ElementLayout]
     pooled_template: object = None   # SparseVoxels of the compressed tokens (v2 convs), made lazily
+    pool_rows: Optional[tuple] = None   # (token order sorted by compressed token, start offsets), lazily
 
 
 def _linear_key(columns: Tensor, extent: int) -> Tensor:
@@ -429,11 +431,21 @@ def _element_view(tensor: Tensor, row_ranges: list[slice]) -> Tensor | None:
 
 
 # ============================================================================ modules
-def _block_pool(feats: Tensor, layout: SSALayout) -> Tensor:
+def _block_pool(feats: Tensor, layout: SSALayout, ops=None, silu: bool = False) -> Tensor:
     """Pooling of the token rows of each compression block as the official SparseDownsample does it:
     `scatter_reduce(zeros, reduce="mean")` with the default include_self=True, so the zero it starts
     from is averaged in too: sum / (count + 1). Accumulated in float64 (verified against the parity
-    fixtures: a plain mean changes most top-k selections)."""
+    fixtures: a plain mean changes most top-k selections). `silu`: pool `F.silu(feats)`.
+    With SSA kernels `ops` that pool (CUDA, no autograd), one kernel pass (`block_pool`)."""
+    if ops is not None and hasattr(ops, "block_pool") and feats.is_cuda \
+            and not (torch.is_grad_enabled() and feats.requires_grad):
+        if layout.pool_rows is None:
+            counts = layout.comp_counts.to(feats.device)
+            layout.pool_rows = (torch.argsort(layout.token_to_comp.to(feats.device), stable=True),
+                                F.pad(torch.cumsum(counts, 0), (1, 0)))
+        return ops.block_pool(feats, *layout.pool_rows, silu=silu)
+    if silu:
+        feats = F.silu(feats)
     sums = feats.new_zeros(layout.comp_counts.shape[0], feats.shape[1], dtype=torch.float64)
     sums.index_add_(0, layout.token_to_comp, feats.double())
     return (sums / (layout.comp_counts + 1).unsqueeze(1)).to(feats.dtype)
@@ -453,9 +465,8 @@ class CompressionV1(nn.Module):
         super().__init__()
         self.act_layers = nn.Sequential(SparseConv3d(channels, channels, kernel_size=1), nn.SiLU())
 
-    def forward(self, tokens: SparseVoxels, layout: SSALayout) -> Tensor:
-        hidden = F.silu(self.act_layers[0](tokens).feats)
-        return _block_pool(hidden, layout)
+    def forward(self, tokens: SparseVoxels, layout: SSALayout, ops=None) -> Tensor:
+        return _block_pool(self.act_layers[0](tokens).feats, layout, ops, silu=True)
 
 
 class CompressionV2(nn.Module):
@@ -468,10 +479,9 @@ class CompressionV2(nn.Module):
         self.out_layers = nn.Sequential(SparseConv3d(channels, channels, 3), SparseGroupNorm32(num_groups, channels),
                                         nn.SiLU(), SparseConv3d(channels, channels, 3))
 
-    def forward(self, tokens: SparseVoxels, layout: SSALayout) -> Tensor:
-        skip = _block_pool(tokens.feats, layout)
-        hidden = F.silu(self.act_layers[0](tokens).feats)
-        pooled = _pooled_voxels(layout, _block_pool(hidden, layout))
+    def forward(self, tokens: SparseVoxels, layout: SSALayout, ops=None) -> Tensor:
+        skip = _block_pool(tokens.feats, layout, ops)
+        pooled = _pooled_voxels(layout, _block_pool(self.act_layers[0](tokens).feats, layout, ops, silu=True))
         pooled = self.out_layers[0](pooled)
         pooled = pooled.replace(F.silu(self.out_layers[1](pooled).feats))
         return self.out_layers[3](pooled).feats + skip
@@ -565,11 +575,11 @@ class SpatialSparseAttention(nn.Module):
         # the fp32 position table promotes the sum to fp32, rounded once to the compute dtype
         pe = self.intra_block_pe.reshape(-1, hkv * d).index_select(0, layout.pe_index)
         keys_with_pe = torch.add(k, pe).to(x.dtype)
-        ck = self.compression_key(voxels.replace(keys_with_pe), layout).view(-1, hkv, d)
-        cv = self.compression_value(voxels.replace(v.contiguous()), layout).view(-1, hkv, d)
+        ops = ssa_ops(self.backend, x.device)
+        ck = self.compression_key(voxels.replace(keys_with_pe), layout, ops).view(-1, hkv, d)
+        cv = self.compression_value(voxels.replace(v.contiguous()), layout, ops).view(-1, hkv, d)
         q, k, v = q.reshape(n_tokens, hq, d), k.reshape(n_tokens, hkv, d), v.reshape(n_tokens, hkv, d)
 
-        ops = ssa_ops(self.backend, x.device)
         triton_ops = ops is not _TorchOps
         partition = window_partition(voxels, self.window_size, self.shift_window)
         windowed = getattr(ops, "windowed_attention", windowed_attention)(q, k, v, partition)

@@ -4,6 +4,7 @@
 * `select_blocks(q, ck, lse, comp_block_ids, num_blocks, topk) -> block_topk`   (select.py)
 * `selection_attention(q, k, v, block_topk, block_offsets) -> out`             (selection.py)
 * `windowed_attention(q, k, v, partition) -> out`      (window.py; signature of engine.sparse)
+* `block_pool(feats, order, offsets, silu) -> pooled`  (pool.py; the K/V compression's pooling)
 
 Inputs fp16/bf16 (fp32 accepted), head dim a power of two; accumulation in fp32. The first three
 also take batch elements side by side as strided views [N, E, H, D] (`ELEMENT_VIEWS`): no copies.
@@ -17,11 +18,12 @@ if _os.environ.get("TRITON_INTERPRET") == "1":
     fix_interpreter_scalar_index()
 
 from .compressed import compressed_attention  # noqa: E402
+from .pool import block_pool  # noqa: E402
 from .select import block_members, select_blocks  # noqa: E402
 from .selection import selection_attention  # noqa: E402
 from .window import windowed_attention  # noqa: E402
 
 ELEMENT_VIEWS = True   # compressed_attention / select_blocks / selection_attention accept [N, E, H, D]
 
-__all__ = ["ELEMENT_VIEWS", "compressed_attention", "select_blocks", "selection_attention", "block_members",
+__all__ = ["ELEMENT_VIEWS", "block_pool", "compressed_attention", "select_blocks", "selection_attention", "block_members",
            "windowed_attention"]

@@ -211,6 +211,23 @@ def test_selection_split_between_shared_tiles_and_per_token_pass():
     assert close(got, want)
 
 
+@pytest.mark.parametrize("silu", [False, True])
+def test_block_pool_matches_the_float64_index_add(silu):
+    """The compression's pooling kernel: sum / (count + 1) per compressed token in float64, rows found
+    through the sorted token order (any order of the tokens), optionally of SiLU(rows)."""
+    coords = shell_tokens(32, 11.0, 0.06, 41)
+    layout = ref.compute_ssa_layout(coords, 4, 8)
+    g = torch.Generator().manual_seed(2)
+    feats = (torch.randn(coords.shape[0], 48, generator=g) * 3).half()
+    want = ref._block_pool(feats, layout, silu=silu)
+    order = torch.argsort(layout.token_to_comp, stable=True)
+    offsets = torch.nn.functional.pad(torch.cumsum(layout.comp_counts, 0), (1, 0))
+    got = tk.block_pool(feats.to(DEVICE), order.to(DEVICE), offsets.to(DEVICE), silu=silu).cpu()
+    assert got.dtype == torch.float16 and got.shape == want.shape
+    assert (got.float() - want.float()).abs().max() <= 1e-3 * want.float().abs().max()
+    assert (got != want).float().mean() < 0.01      # float64 sums in another order; exp of another libm
+
+
 def _side_by_side_case(seed: int, m: int = 2):
     """A case whose q/k/v/ck/cv hold m batch elements' rows one after the other (same coordinates)."""
     case = make_case(8, 32, 2, seed=seed, keep=0.03)
