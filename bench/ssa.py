@@ -17,7 +17,7 @@ fraction of a measured bf16 8192^3 matmul. Also checks ours against the referenc
 (top-k rows identical up to near-ties, relative output errors).
 
     python bench/ssa.py [--sets 15k,18k,off18k,60k,off60k,130k] [--layouts v1.1,v1.0] [--tune] [--skip-ref]
-                        [--module] [--json out.json]
+                        [--module] [--selection-mix] [--json out.json]
     python bench/ssa.py --smoke      # CPU: runs the script through Triton's interpreter on ~200 tokens
 """
 
@@ -248,6 +248,20 @@ def run_case(name: str, layout_name: str, args, tk, peak: float, rows: list, che
                          ref_ms=None, ours_tflops=flops["dense"] / dense_ms / 1e9,
                          peak_frac=flops["dense"] / dense_ms / 1e9 / peak, speedup_vs_ref=None,
                          dense_ms=dense_ms, speedup_vs_dense=1.0))
+    if args.selection_mix and layout_name == "v1.1":
+        # the same keys with less coherent selections (random weights in the pipeline): "mixed" keeps
+        # each token's 4 best blocks and adds 4 random ones, "random" takes 8 random blocks
+        perm = torch.rand(HKV, n, nb, device=DEV, generator=g).argsort(-1)[..., :topk].sort(-1).values
+        rnd = perm.to(r_sel.dtype)
+        mixed = r_sel.clone()
+        mixed[..., topk // 2:] = rnd[..., :topk - topk // 2]
+        for sel_name, chosen in (("coherent", r_sel), ("mixed", mixed), ("random", rnd)):
+            want = ref.selection_attention(q, k, v, chosen, offsets)
+            for label, kw in (("shared tiles only", dict(tokens_per_program=4)),
+                              ("per-token only", dict(tokens_per_program=1, num_warps=1)), ("default", {})):
+                got = tk.selection_attention(q, k, v, chosen, offsets, **kw)
+                ms = time_ms(lambda: tk.selection_attention(q, k, v, chosen, offsets, **kw))
+                print(f"SELMIX {name} {sel_name} {label}: {ms:.3f} ms (rel err {rel(got, want):.1e})")
     if args.tune:
         # selection: tokens per program x key tile x pipeline stages
         for tpp, bn, stages in ((4, 32, 3), (4, 32, 2), (4, 32, 4), (4, 64, 3), (4, 16, 3), (8, 32, 3), (2, 32, 3),
@@ -324,6 +338,8 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--module", action="store_true",
                     help="also time the SSA module on two same-coordinate elements (MODULE lines)")
+    ap.add_argument("--selection-mix", action="store_true",
+                    help="also time the selection passes on less coherent selections (SELMIX lines)")
     ap.add_argument("--smoke", action="store_true",
                     help="run the script on the CPU through Triton's interpreter on a tiny set (no timings)")
     args = ap.parse_args()
