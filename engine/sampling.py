@@ -172,6 +172,7 @@ class CUDAGraphRunner:
         self.enabled = enabled
         self.warmup_calls = max(1, int(warmup_calls))
         self.failed: Optional[str] = None
+        self._streams: dict = {}   # purpose -> side stream of this runner
         self._reset(None)
 
     def _reset(self, signature) -> None:
@@ -210,10 +211,9 @@ class CUDAGraphRunner:
     def _side_stream(self, device: torch.device, purpose: str = "checked"):
         """A stream of this runner's own for the checked call or for the capture (two, so that a
         capture never begins on a stream with queued work)."""
-        streams = self.__dict__.setdefault("_streams", {})
-        stream = streams.get(purpose)
+        stream = self._streams.get(purpose)
         if stream is None or stream.device != device:
-            stream = streams[purpose] = torch.cuda.Stream(device)
+            stream = self._streams[purpose] = torch.cuda.Stream(device)
         return stream
 
     def _checked_call(self, inputs) -> torch.Tensor:

@@ -44,6 +44,20 @@ class BackendChoice:
                           RuntimeWarning, stacklevel=3)
             return fallback()
 
+    def load_kernels(self, auto_takes: bool, load: Callable[[], _Result]) -> Optional[_Result]:
+        """``load()`` (which imports the Triton kernel modules: done per call, as tests reload them
+        under Triton's interpreter) when the call takes the Triton path: always under ``"triton"``,
+        under ``"auto"`` when ``auto_takes``; None (the PyTorch path) otherwise, and under ``"auto"``
+        when Triton cannot be imported."""
+        if self.value == "torch" or (self.value == "auto" and not auto_takes):
+            return None
+        try:
+            return load()
+        except ImportError:
+            if self.value == "triton":
+                raise
+            return None
+
     def set(self, name: str) -> str:
         """Select ``name``; returns the previous setting."""
         if name not in self.choices:

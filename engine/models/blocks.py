@@ -1,6 +1,7 @@
 """Building blocks shared by the dense and sparse transformers (architecture notes 3.1)."""
 from __future__ import annotations
 
+import importlib
 import math
 from typing import ContextManager, Optional
 
@@ -73,20 +74,12 @@ def _modulation_kernels(x: torch.Tensor, *operands: torch.Tensor, parameters=())
     ``operands`` must share x's dtype and device (shift/scale/gate rows); ``parameters`` (norm
     weights, any float dtype) its device. With autograd recording, PyTorch.
     """
-    if _BLOCK_KERNELS.value == "torch" or (_BLOCK_KERNELS.value == "auto" and not _auto_uses_kernels(x)):
-        return None
     if not x.is_floating_point() or any(t.dtype != x.dtype or t.device != x.device for t in operands) \
             or any(p.device != x.device for p in parameters):
         return None
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *operands, *parameters)):
         return None
-    try:  # imported here: tests reload the module under Triton's interpreter
-        import engine.kernels.modulation as kernels
-    except ImportError:
-        if _BLOCK_KERNELS.value == "triton":
-            raise
-        return None
-    return kernels
+    return _BLOCK_KERNELS.load_kernels(_auto_uses_kernels(x), lambda: importlib.import_module("engine.kernels.modulation"))
 
 
 # Head widths whose cross-attention runs on `engine.kernels.context_attention` under the "auto"
@@ -98,18 +91,11 @@ CONTEXT_KERNEL_HEAD_DIMS = (32,)
 def _context_attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """`engine.kernels.context_attention.context_attention` where the block kernel backend takes it
     for these tensors, else None (SDPA). With autograd recording, SDPA."""
-    choice = _BLOCK_KERNELS.value
-    if choice == "torch" or (choice == "auto" and not (_auto_uses_kernels(q) and q.shape[-1] in CONTEXT_KERNEL_HEAD_DIMS)):
-        return None
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         return None
-    try:  # imported here: tests reload the module under Triton's interpreter
-        from engine.kernels.context_attention import context_attention
-    except ImportError:
-        if choice == "triton":
-            raise
-        return None
-    return context_attention
+    return _BLOCK_KERNELS.load_kernels(
+        _auto_uses_kernels(q) and q.shape[-1] in CONTEXT_KERNEL_HEAD_DIMS,
+        lambda: importlib.import_module("engine.kernels.context_attention").context_attention)
 
 
 class LayerNorm32(nn.LayerNorm):

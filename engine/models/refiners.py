@@ -25,6 +25,7 @@ by the pass that follows (norm, residual, copy) with the rounding of ATen's sepa
 from __future__ import annotations
 
 import contextlib
+import importlib
 import itertools
 import time
 from types import SimpleNamespace
@@ -74,16 +75,9 @@ def _auto_uses_triton(x: Tensor) -> bool:
 
 def _triton_kernels(x: Tensor) -> Optional[SimpleNamespace]:
     """The Triton kernel modules to use for ``x`` under the current backend, or None for PyTorch."""
-    if _REFINER_KERNELS.value == "torch" or (_REFINER_KERNELS.value == "auto" and not _auto_uses_triton(x)):
-        return None
-    try:  # imported here: tests reload these modules under Triton's interpreter
-        import engine.kernels.adaptive_filter as adaptive
-        import engine.kernels.group_norm as norm
-    except ImportError:
-        if _REFINER_KERNELS.value == "triton":
-            raise
-        return None
-    return SimpleNamespace(adaptive=adaptive, norm=norm)
+    return _REFINER_KERNELS.load_kernels(_auto_uses_triton(x), lambda: SimpleNamespace(
+        adaptive=importlib.import_module("engine.kernels.adaptive_filter"),
+        norm=importlib.import_module("engine.kernels.group_norm")))
 
 
 def _run_triton(fn: Callable[..., Tensor], *args, **kwargs) -> Optional[Tensor]:
@@ -390,12 +384,12 @@ def copy_channels_(dst: Tensor, src: Tensor, bias: Optional[Tensor] = None) -> T
 
 def join_channels(first: Tensor, second: Tensor) -> Tensor:
     """``torch.cat([first, second], 1)`` in ``first``'s memory format (the copies on the Triton kernels)."""
-    if _triton_kernels(first) is None or first.dim() != 5:
+    kernels = _triton_kernels(first)
+    if kernels is None or first.dim() != 5:
         return torch.cat([first, second], dim=1)
     joined = torch.empty(first.shape[0], first.shape[1] + second.shape[1], *first.shape[2:], dtype=first.dtype,
                          device=first.device, memory_format=_memory_format_of(first))
-    if second.dtype == first.dtype and _run_triton(_triton_kernels(first).norm.join_channels_, joined, first,
-                                                   second) is not None:
+    if second.dtype == first.dtype and _run_triton(kernels.norm.join_channels_, joined, first, second) is not None:
         return joined
     copy_channels_(joined[:, :first.shape[1]], first)
     copy_channels_(joined[:, first.shape[1]:], second)
