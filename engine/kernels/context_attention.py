@@ -21,6 +21,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .tiles import softmax_tile_update
+
 __all__ = ["context_attention"]
 
 LOG2E = 1.4426950408889634
@@ -59,12 +61,7 @@ def _context_attention_fwd(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, n_queries, n_ke
             s = tl.where(key_ok[None, :], s, float("-inf"))
         elif start + BLOCK_N > n_keys:
             s = tl.where(key_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2((m_i - m_new) * scale_log2)
-        p = tl.exp2(s * scale_log2 - (m_new * scale_log2)[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = softmax_tile_update(s, v, m_i, l_i, acc, scale_log2)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(o_ptr + b * so_b + rows[:, None] * so_l + h * so_h + dims[None, :],
              out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])

@@ -1,4 +1,5 @@
-"""Index helpers shared by the refiner kernels that tile a 5D volume into 3D boxes of voxels."""
+"""Triton helpers shared by several kernels: the 3D voxel boxes of the refiner kernels and the
+flash-attention update of the attention kernels (SSA branches, cross-attention)."""
 from __future__ import annotations
 
 import triton
@@ -21,3 +22,17 @@ def box_voxels(pid, D, H, W, tiles_h, tiles_w, TD: tl.constexpr, TH: tl.constexp
     valid = (di < D) & (hi < H) & (wi < W)
     voxel = (di * H + hi) * W + wi
     return tile_d, tile_h, tile_w, di, hi, wi, valid, voxel
+
+
+@triton.jit
+def softmax_tile_update(s, v, m_i, l_i, acc, scale_log2):
+    """One key tile of flash-style attention from its raw logits ``s`` [M, N] (-inf where masked):
+    running max ``m_i`` (raw-logit units), normaliser ``l_i`` and fp32 accumulator ``acc`` updated,
+    the softmax scale (log2 units) folded into one FMA per element. ``m_i`` must start finite
+    (e.g. -1e30): a row with no valid key yet then gets p = exp2(-inf) = 0 and alpha = 1."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2((m_i - m_new) * scale_log2)
+    p = tl.exp2(s * scale_log2 - (m_new * scale_log2)[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc

@@ -15,23 +15,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from engine.kernels.tiles import softmax_tile_update
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 
 @triton.jit
 def online_softmax_tile(q, k, v, valid, m_i, l_i, acc, scale_log2):
-    """One key tile of flash-style attention: raw logits q.k^T, masked to -inf where not ``valid``;
-    running max ``m_i`` (raw-logit units), normaliser ``l_i`` and fp32 accumulator ``acc`` updated.
-    The softmax scale (log2 units) is folded into one FMA per element. ``m_i`` must start finite
-    (e.g. -1e30): a row with no valid key yet then gets p = exp2(-inf) = 0 and alpha = 1."""
+    """One key tile of flash-style attention: raw logits q.k^T, masked to -inf where not ``valid``,
+    then `softmax_tile_update`."""
     s = tl.where(valid, tl.dot(q, tl.trans(k)), float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.exp2((m_i - m_new) * scale_log2)
-    p = tl.exp2(s * scale_log2 - (m_new * scale_log2)[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return m_new, l_i, acc
+    return softmax_tile_update(s, v, m_i, l_i, acc, scale_log2)
 
 
 @triton.jit
