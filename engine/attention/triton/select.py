@@ -219,11 +219,11 @@ def select_blocks(q: Tensor, ck: Tensor, lse: Tensor, comp_block_ids: Tensor, nu
     q [N, E, Hq, D] and ck [Nc, E, Hkv, D] (E elements side by side, read in place, lse [E * Hq, N])
     give [E * Hkv, N, topk].
 
-    variant: "rows" (the (token, head) pairs of 4 tokens as product rows, regrouped per token;
-    timed on an H100) or "heads" (32-64 tokens per program, one product per head and member
-    slot). Default: "heads" for topk <= 8 (compiled for sm_90 it issues ~3x fewer instructions per
-    (token, block) than "rows", which the H100 timing of "rows" showed to be issue-bound; not yet
-    timed itself), "rows" for larger topk ("heads" spills registers at top-32).
+    variant: "rows" (the (token, head) pairs of 4 tokens as product rows, regrouped per token) or
+    "heads" (one product per head and member slot; by default 64 tokens a program and chunks of 64
+    blocks up to 576 blocks, 32 above). Default: "heads" for topk <= 8 (compiled for sm_90 it issues
+    ~3x fewer instructions per (token, block) than "rows", which the H100 timing of "rows" showed to
+    be issue-bound), "rows" for larger topk ("heads" spills registers at top-32).
     merge: "extract" (rebuild the sorted top-W list from list + chunk), "replace" (insert only the
     chunk's winners over the current minimum; "extract" measured 3x slower than the PyTorch
     reference at top-32) or "sort" (bitonic networks; needs BLOCK_B >= W).
@@ -256,10 +256,13 @@ def select_blocks(q: Tensor, ck: Tensor, lse: Tensor, comp_block_ids: Tensor, nu
     elif variant == "heads":
         kernel = _select_heads_fwd
         if block_b is None:
-            block_b = max(32, w)
+            # H100, 18k-63k tokens x 2 elements (docs/benchmarks.md, SSA "Fifth H100 run"): 64-block chunks
+            # win up to ~512 blocks (0.27 vs 0.29-0.33 ms at 224 blocks), 32 above (1.75 vs 1.90 ms at 664)
+            block_b = max(64 if num_blocks <= 576 else 32, w)
         if tokens_per_program is None:
-            # 64 rows fill a Hopper tensor-core tile; below ~40k tokens 32 keeps >= 2 waves of programs
-            tokens_per_program = 64 if n_tokens * hkv >= 80000 else 32
+            # 64 token rows fill a Hopper tensor-core tile: 0.27-0.29 ms against 0.36-0.39 ms for 32 tokens
+            # at 18k tokens x 2 elements (where 32 had been the default below 80k (token, head) pairs)
+            tokens_per_program = 64
         tokens_per_program = max(16, tokens_per_program)
     else:
         raise ValueError(f"variant must be 'rows' or 'heads', not {variant!r}")
