@@ -1,10 +1,11 @@
 """Sliding-window branch of SSA: full attention inside each (shifted) 8^3 window.
 
 Signature of `engine.sparse.windowed_attention(q, k, v, partition)`: the partition lists token rows
-window by window (`order`, `cu_seqlens`). One program handles `TOKENS` consecutive positions of that
-window order (so almost always one window) x the G query heads of one KV head; it loops over the
-windows its positions touch (consecutive ids), gathers their keys through `order`, and masks rows of
-other windows. Tokens are never copied into window order.
+window by window (`order`, `cu_seqlens`). Work is cut into chunks of at most TOKENS consecutive
+positions of one window; program (chunk, head block) stacks the chunk's tokens times HEADS query
+heads of one KV head as TOKENS * HEADS rows and runs an online softmax over the window's keys, which
+it gathers through `order`. Tokens are never copied into window order. The chunk table depends only
+on the partition: it is built without host synchronisation and cached on the partition object.
 """
 
 from __future__ import annotations
@@ -20,54 +21,105 @@ from .compressed import LOG2E, _last_dim_contiguous, online_softmax_tile
 
 
 @triton.jit
-def _window_fwd(q_ptr, k_ptr, v_ptr, o_ptr, order_ptr, win_ptr, cu_ptr,
-                n_tokens,
+def _window_fwd(q_ptr, k_ptr, v_ptr, o_ptr, order_ptr, chunk_ptr,
                 sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_n, so_h,
                 scale_log2,
-                G: tl.constexpr, TOKENS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    M: tl.constexpr = TOKENS * G
-    rows = tl.arange(0, M)
-    pos = pid * TOKENS + rows // G
-    head = kv_head * G + rows % G
-    row_ok = pos < n_tokens
+                G: tl.constexpr, HEADS: tl.constexpr, TOKENS: tl.constexpr, D: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    chunk = tl.program_id(0)
+    head0 = tl.program_id(1) * HEADS        # first query head of this program
+    kv_head = head0 // G
+    # chunk: query positions [q_start, min(q_start + TOKENS, k_end)) of the window [k_start, k_end)
+    q_start = tl.load(chunk_ptr + 3 * chunk)
+    k_start = tl.load(chunk_ptr + 3 * chunk + 1)
+    k_end = tl.load(chunk_ptr + 3 * chunk + 2)
+
+    # rows: token r // HEADS of the chunk, query head head0 + r % HEADS (a token's heads are adjacent
+    # in memory); indices are [rows, 1] columns of the tiles they address
+    M: tl.constexpr = TOKENS * HEADS
+    rows = tl.arange(0, M)[:, None]
+    pos = q_start + rows // HEADS
+    row_ok = pos < tl.minimum(q_start + TOKENS, k_end)
     tok = tl.load(order_ptr + pos, mask=row_ok, other=0)
-    row_win = tl.load(win_ptr + pos, mask=row_ok, other=-1)
-    dims = tl.arange(0, D)
-    q = tl.load(q_ptr + tok[:, None] * sq_n + head[:, None] * sq_h + dims[None, :],
-                mask=row_ok[:, None], other=0.0)
-    first = tl.load(win_ptr + pid * TOKENS)
-    last = tl.load(win_ptr + tl.minimum(pid * TOKENS + TOKENS, n_tokens) - 1)
+    head = head0 + rows % HEADS
+    dims = tl.arange(0, D)[None, :]
+    q = tl.load(q_ptr + tok * sq_n + head * sq_h + dims, mask=row_ok, other=0.0)
+    k_ptr += kv_head * sk_h
+    v_ptr += kv_head * sv_h
+
+    # keys: one masked tile with the first (n_keys - 1) % BLOCK_N + 1 keys, then full tiles; the
+    # masked tile is loaded before the loop and used after it, so its loads overlap the loop's
+    full = tl.maximum(k_end - k_start - 1, 0) // BLOCK_N * BLOCK_N
+    head_end = k_end - full
+    cols = k_start + tl.arange(0, BLOCK_N)[:, None]
+    col_ok = cols < head_end
+    krow = tl.load(order_ptr + cols, mask=col_ok, other=0)
+    k_head = tl.load(k_ptr + krow * sk_n + dims, mask=col_ok, other=0.0)
+    v_head = tl.load(v_ptr + krow * sv_n + dims, mask=col_ok, other=0.0)
 
     m_i = tl.full([M], -1.0e30, tl.float32)
     l_i = tl.zeros([M], tl.float32)
     acc = tl.zeros([M, D], tl.float32)
-    for w in range(first, last + 1):
-        in_win = row_win == w
-        start = tl.load(cu_ptr + w)
-        end = tl.load(cu_ptr + w + 1)
-        for k0 in range(start, end, BLOCK_N):
-            cols = k0 + tl.arange(0, BLOCK_N)
-            col_ok = cols < end
-            krow = tl.load(order_ptr + cols, mask=col_ok, other=0)
-            k = tl.load(k_ptr + krow[:, None] * sk_n + kv_head * sk_h + dims[None, :],
-                        mask=col_ok[:, None], other=0.0)
-            v = tl.load(v_ptr + krow[:, None] * sv_n + kv_head * sv_h + dims[None, :],
-                        mask=col_ok[:, None], other=0.0)
-            m_i, l_i, acc = online_softmax_tile(q, k, v, in_win[:, None] & col_ok[None, :],
-                                                m_i, l_i, acc, scale_log2)
+    for k0 in range(head_end, k_end, BLOCK_N):
+        krow = tl.load(order_ptr + k0 + tl.arange(0, BLOCK_N)[:, None])
+        k = tl.load(k_ptr + krow * sk_n + dims)
+        v = tl.load(v_ptr + krow * sv_n + dims)
+        m_i, l_i, acc = online_softmax_tile(q, k, v, True, m_i, l_i, acc, scale_log2)
+    m_i, l_i, acc = online_softmax_tile(q, k_head, v_head, tl.trans(col_ok), m_i, l_i, acc, scale_log2)
+
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(o_ptr + tok[:, None] * so_n + head[:, None] * so_h + dims[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(o_ptr + tok * so_n + head * so_h + dims, out.to(o_ptr.dtype.element_ty), mask=row_ok)
+
+
+def chunk_table(cu_seqlens: Tensor, n_tokens: int, tokens: int) -> Tensor:
+    """int32 [U, 3] rows (q_start, k_start, k_end): the windows [k_start, k_end) of `cu_seqlens` cut
+    into query chunks of at most `tokens` positions starting at q_start, longest windows first (their
+    programs start first). U = cdiv(n_tokens, tokens) + windows is a host-side upper bound on the
+    chunk count; rows past the last chunk are (0, 0, 0): no query, no key. No host synchronisation."""
+    cu = cu_seqlens.long()
+    n_windows = cu.numel() - 1
+    lengths = cu[1:] - cu[:-1]
+    by_length = torch.argsort(lengths, descending=True, stable=True)
+    counts = (lengths[by_length] + tokens - 1) // tokens             # chunks per window, longest first
+    ends = torch.cumsum(counts, 0)
+    chunk = torch.arange(triton.cdiv(n_tokens, tokens) + n_windows, device=cu.device)
+    slot = torch.searchsorted(ends, chunk, right=True)               # n_windows past the last chunk
+    live = slot < n_windows
+    slot = slot.clamp(max=max(n_windows - 1, 0))
+    window = by_length[slot]
+    start, end = cu[window], cu[window + 1]
+    q_start = start + (chunk - (ends[slot] - counts[slot])) * tokens
+    table = torch.stack([q_start, start, end], dim=1)
+    return torch.where(live[:, None], table, torch.zeros_like(table)).to(torch.int32).contiguous()
+
+
+def _partition_tables(partition, device: torch.device, tokens: int) -> tuple[Tensor, Tensor]:
+    """(order int32, chunk table) on `device`, cached on the partition (not while a CUDA graph is
+    being captured: captured kernels only run at replay, so their outputs cannot be cached)."""
+    key = (str(device), tokens)
+    cache = partition.__dict__.setdefault("_window_kernel_tables", {})
+    tables = cache.get(key)
+    if tables is None:
+        order = partition.order.to(device=device, dtype=torch.int32).contiguous()
+        chunks = chunk_table(partition.cu_seqlens.to(device), order.numel(), tokens)
+        tables = (order, chunks)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            cache[key] = tables
+    return tables
+
+
+def _largest_power_of_two_divisor(n: int) -> int:
+    return n & -n
 
 
 def windowed_attention(q: Tensor, k: Tensor, v: Tensor, partition, scale: float | None = None, *,
-                       tokens_per_program: int | None = None, block_n: int = 32,
-                       num_warps: int = 4) -> Tensor:
+                       tokens_per_program: int | None = None, heads_per_program: int | None = None,
+                       block_n: int = 32, num_warps: int = 4, num_stages: int = 2) -> Tensor:
     """Full attention inside each window of `partition` (engine.sparse.WindowPartition).
 
-    q [N, Hq, D], k/v [N, Hkv, D] in the tokens' row order -> out [N, Hq, D] in q's dtype.
+    q [N, Hq, D], k/v [N, Hkv, D] in the tokens' row order (any token/head strides) -> out [N, Hq, D]
+    in q's dtype. A program handles `tokens_per_program` positions of one window times
+    `heads_per_program` query heads of one KV head (both powers of two; heads a divisor of the group).
     """
     n_tokens, hq, d = q.shape
     hkv = k.shape[1]
@@ -76,18 +128,22 @@ def windowed_attention(q: Tensor, k: Tensor, v: Tensor, partition, scale: float 
     out = torch.empty_like(q)
     if n_tokens == 0:
         return out
+    if heads_per_program is None:
+        heads_per_program = _largest_power_of_two_divisor(group)
     if tokens_per_program is None:
-        tokens_per_program = max(1, 64 // group)
-    order = partition.order.to(device=q.device, dtype=torch.int32).contiguous()
-    cu = partition.cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
-    counts = (cu[1:] - cu[:-1]).long()
-    # window id of every position of the window order
-    win = torch.repeat_interleave(torch.arange(counts.numel(), device=q.device, dtype=torch.int32),
-                                  counts, output_size=n_tokens)
+        tokens_per_program = max(1, 128 // heads_per_program)
+    if group % heads_per_program or heads_per_program & (heads_per_program - 1) \
+            or tokens_per_program & (tokens_per_program - 1) or tokens_per_program * heads_per_program < 16 \
+            or block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"heads_per_program {heads_per_program} must be a power of two dividing the group "
+                         f"{group}, tokens_per_program {tokens_per_program} a power of two, their product "
+                         f"and block_n {block_n} powers of two >= 16")
+    order, chunks = _partition_tables(partition, q.device, tokens_per_program)
     scale_log2 = LOG2E * (scale if scale is not None else 1.0 / math.sqrt(d))
-    grid = (triton.cdiv(n_tokens, tokens_per_program), hkv)
-    _window_fwd[grid](q, k, v, out, order, win, cu, n_tokens,
+    grid = (chunks.shape[0], hq // heads_per_program)
+    _window_fwd[grid](q, k, v, out, order, chunks,
                       q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                       out.stride(0), out.stride(1), scale_log2,
-                      G=group, TOKENS=tokens_per_program, D=d, BLOCK_N=block_n, num_warps=num_warps)
+                      G=group, HEADS=heads_per_program, TOKENS=tokens_per_program, D=d, BLOCK_N=block_n,
+                      num_warps=num_warps, num_stages=num_stages)
     return out
