@@ -300,9 +300,14 @@ class Direct3DS2Pipeline:
             # one CUDA-graph runner per batch size (eager on CPU or with pipeline.use_cuda_graphs = False)
             from engine.sampling import CUDAGraphRunner
             use_graphs = getattr(self, "use_cuda_graphs", True)
-            # the unconditional context is all zeros: its cross-attention output is exact without attending
-            runners = {b: CUDAGraphRunner(lambda x, t, c=c, u=u: dit(x, t, c, uniform_context=u), enabled=use_graphs)
-                       for b, c, u in ((1, context, None), (2, guided_context, (False, True)))}
+
+            def runner(batch_context, uniform, identical):
+                return CUDAGraphRunner(lambda x, t: dit(x, t, batch_context, uniform_context=uniform,
+                                                        identical_elements=identical), enabled=use_graphs)
+
+            # the unconditional context is all zeros: its cross-attention output is exact without attending;
+            # both elements of the pair hold the same latents, so the first block's self-attention runs once
+            runners = {1: runner(context, None, False), 2: runner(guided_context, (False, True), True)}
 
             def velocity(x, t):  # x [b, 1, C, R, R, R]
                 batch = x.shape[0]
@@ -347,10 +352,12 @@ class Direct3DS2Pipeline:
             # CUDA after two eager warm-up steps (eager on CPU or with pipeline.use_cuda_graphs = False)
             use_graphs = getattr(self, "use_cuda_graphs", True)
             # the unconditional dense context is all zeros: its cross-attention output is exact without
-            # attending (SparseDiT.forward's uniform_context)
+            # attending (SparseDiT.forward's uniform_context); the sampler feeds both elements of the pair
+            # the same latents, so the first block's self-attention runs once (identical_elements)
             uniform = None if config.sparse_conditions else (False, True)
             steppers = {1: dit.step_function(single, cond_single, use_cuda_graphs=use_graphs),
-                        2: dit.step_function(pair, cond_pair, use_cuda_graphs=use_graphs, uniform_context=uniform)}
+                        2: dit.step_function(pair, cond_pair, use_cuda_graphs=use_graphs, uniform_context=uniform,
+                                             identical_elements=True)}
 
             def velocity(x, t):  # x [b, N, C]
                 batch = x.shape[0]

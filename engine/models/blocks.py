@@ -381,20 +381,74 @@ class ModulatedCrossBlock(nn.Module):
         mod = t_emb if self.share_mod else self.adaLN_modulation(t_emb)
         return tuple(m.unsqueeze(1) for m in mod.chunk(6, dim=-1))
 
-    def forward(self, x: torch.Tensor, t_emb: torch.Tensor, context, **self_attn_kwargs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t_emb: torch.Tensor, context, shared_self_attention: bool = False,
+                **self_attn_kwargs) -> torch.Tensor:
+        """shared_self_attention: the caller's promise that every batch element of ``x`` holds the same
+        tokens and every row of ``t_emb`` the same embedding (the [cond, uncond] pair of classifier-free
+        guidance entering a DiT's first block; only the contexts differ). Everything before the
+        cross-attention (norm1 + modulation, the self-attention, its gated residual and norm2) then
+        runs on element 0 alone and its rows are copied to the other elements; ``self_attn_kwargs``
+        must then describe element 0 alone (e.g. its voxels). Exact: that part is row-wise or per
+        batch element (no kernel mixes elements), so each element would compute these same rows. The
+        adaLN modulation still runs on all rows: the rest of the block needs them, and a GEMM of
+        another row count could take another cuBLAS kernel."""
         mods = self.modulation(t_emb)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+        _, _, _, shift_mlp, scale_mlp, gate_mlp = mods
         kernels = None
         if x.dim() == 3 and not self._records_autograd(x, t_emb, context):
             kernels = _modulation_kernels(x, *mods, parameters=self._norm_parameters())
         if kernels is not None:
-            return self._fused_forward(kernels, x, mods, context, self_attn_kwargs)
+            return self._fused_forward(kernels, x, mods, context, shared_self_attention, self_attn_kwargs)
         # each modulation / gated residual is one fused multiply-add pass over the tokens
-        h = torch.addcmul(shift_msa, self.norm1(x), 1 + scale_msa)
-        x = torch.addcmul(x, gate_msa, self.self_attn(h, **self_attn_kwargs))
-        x = x + self.cross_attn(self.norm2(x), context)
+        x, h = self._attention_half(None, x, mods[:3], shared_self_attention, self_attn_kwargs)
+        x = x + self.cross_attn(h, context)
         h = torch.addcmul(shift_mlp, self.norm3(x), 1 + scale_mlp)
         return torch.addcmul(x, gate_mlp, self.mlp(h))
+
+    def _attention_half(self, kernels, x: torch.Tensor, msa, shared: bool, self_attn_kwargs):
+        """``(stream, norm2(stream))`` with ``stream = x + gate_msa * self_attn(LN1(x) * (1 + scale_msa)
+        + shift_msa)``: the part of the block before the cross-attention. ``msa``: (shift, scale, gate)
+        ``[B, 1, C]``. ``kernels``: the fused passes (None: PyTorch). With ``shared`` (see `forward`)
+        it runs on element 0 and both results are broadcast into new tensors; the kernels write
+        element 0's rows there directly, so the copies cost no more than the passes they replace."""
+        batch = x.shape[0]
+        if not shared or batch == 1:
+            return self._attention_residual(kernels, x, msa, self_attn_kwargs)
+        stream, normed = (torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(2))
+        first_rows = (stream[:1], normed[:1])
+        results = self._attention_residual(kernels, x[:1], tuple(m[:1] for m in msa), self_attn_kwargs,
+                                           out=first_rows)
+        for full, first, result in zip((stream, normed), first_rows, results):
+            if result is not first:   # a PyTorch path returned its own tensor
+                first.copy_(result)
+            full[1:].copy_(first.expand_as(full[1:]))
+        return stream, normed
+
+    def _attention_residual(self, kernels, x: torch.Tensor, msa, self_attn_kwargs, out=None):
+        """`_attention_half` over all of ``x``. ``out``: optional (stream, normed) tensors of x's shape
+        that the kernel path writes into (the results are then these tensors)."""
+        shift_msa, scale_msa, gate_msa = msa
+        n1, n2 = self.norm1, self.norm2
+        if kernels is None:
+            h = torch.addcmul(shift_msa, n1(x), 1 + scale_msa)
+            stream = torch.addcmul(x, gate_msa, self.self_attn(h, **self_attn_kwargs))
+            return stream, n2(stream)
+        h = _BLOCK_KERNELS.attempt(lambda: kernels.layer_norm_modulate(x, shift_msa, scale_msa, n1.eps, weight=n1.weight,
+                                                                       bias=n1.bias),
+                                   lambda: torch.addcmul(shift_msa, n1(x), 1 + scale_msa))
+        y = self.self_attn(h, **self_attn_kwargs)
+
+        def torch_attention_residual():
+            stream = torch.addcmul(x, gate_msa, y)
+            return stream, n2(stream)
+
+        if not _fits(y, x):
+            return torch_attention_residual()
+        # a new stream: the caller's x is never written
+        stream_out, normed_out = (None, None) if out is None else out
+        return _BLOCK_KERNELS.attempt(lambda: kernels.residual_layer_norm(
+            x, y, gate_msa, eps=n2.eps, weight=n2.weight, bias=n2.bias, residual_out=stream_out, out=normed_out),
+            torch_attention_residual)
 
     def _norm_parameters(self) -> tuple:
         return tuple(p for norm in (self.norm1, self.norm2, self.norm3) for p in (norm.weight, norm.bias)
@@ -409,46 +463,33 @@ class ModulatedCrossBlock(nn.Module):
                                 if isinstance(t, torch.Tensor)]
         return any(t.requires_grad for t in tensors) or any(p.requires_grad for p in self.parameters())
 
-    def _fused_forward(self, kernels, x: torch.Tensor, mods, context, self_attn_kwargs) -> torch.Tensor:
+    def _fused_forward(self, kernels, x: torch.Tensor, mods, context, shared: bool, self_attn_kwargs) -> torch.Tensor:
         """The same formulas with the elementwise work in four passes (engine.kernels.modulation):
         LN1 + modulation; gated residual + LN2 (affine); residual + LN3 + modulation; gated residual.
         Each step has the PyTorch formula as its fallback; a branch output of another dtype or shape
         than the tokens (never in the released models) takes it too."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
-        n1, n2, n3 = self.norm1, self.norm2, self.norm3
-
-        def fits(y: torch.Tensor) -> bool:
-            return y.dtype == x.dtype and y.shape == x.shape and y.device == x.device
-
-        h = _BLOCK_KERNELS.attempt(lambda: kernels.layer_norm_modulate(x, shift_msa, scale_msa, n1.eps, weight=n1.weight,
-                                                            bias=n1.bias),
-                        lambda: torch.addcmul(shift_msa, n1(x), 1 + scale_msa))
-        y = self.self_attn(h, **self_attn_kwargs)
-
-        def torch_attention_residual():
-            stream = torch.addcmul(x, gate_msa, y)
-            return stream, n2(stream)
-
-        if fits(y):   # a new stream: the caller's x is never written
-            x, h = _BLOCK_KERNELS.attempt(lambda: kernels.residual_layer_norm(x, y, gate_msa, eps=n2.eps, weight=n2.weight,
-                                                                   bias=n2.bias),
-                               torch_attention_residual)
-        else:
-            x, h = torch_attention_residual()
+        _, _, _, shift_mlp, scale_mlp, gate_mlp = mods
+        n3 = self.norm3
+        x, h = self._attention_half(kernels, x, mods[:3], shared, self_attn_kwargs)
         y = self.cross_attn(h, context)
 
         def torch_cross_residual():
             stream = x + y
             return stream, torch.addcmul(shift_mlp, n3(stream), 1 + scale_mlp)
 
-        if fits(y):   # x is this block's own stream from here on: updated in place
+        if _fits(y, x):   # x is this block's own stream from here on: updated in place
             x, h = _BLOCK_KERNELS.attempt(lambda: kernels.residual_layer_norm(
                 x, y, eps=n3.eps, weight=n3.weight, bias=n3.bias, shift=shift_mlp, scale=scale_mlp,
                 residual_out=x if x.is_contiguous() else None), torch_cross_residual)
         else:
             x, h = torch_cross_residual()
         y = self.mlp(h)
-        if fits(y):
+        if _fits(y, x):
             return _BLOCK_KERNELS.attempt(lambda: kernels.gated_residual(x, gate_mlp, y, inplace=x.is_contiguous()),
-                               lambda: torch.addcmul(x, gate_mlp, y))
+                                          lambda: torch.addcmul(x, gate_mlp, y))
         return torch.addcmul(x, gate_mlp, y)
+
+
+def _fits(y: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether a branch output can go through the fused residual passes with the tokens ``x``."""
+    return y.dtype == x.dtype and y.shape == x.shape and y.device == x.device

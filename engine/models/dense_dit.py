@@ -6,7 +6,9 @@ tokens) -> LayerNorm (no affine, eps 1e-5) -> out_layer -> [B, 8, 16, 16, 16].
 
 `pos_emb` is a persistent buffer (the official checkpoint carries it), recomputed by the constructor as the
 3-axis sinusoidal embedding of the grid coordinates. Batches of any size work, so classifier-free guidance
-can run cond and uncond in one B=2 call; a timestep of shape [1] is shared by the whole batch.
+can run cond and uncond in one B=2 call; a timestep of shape [1] is shared by the whole batch. Such a
+call may promise `identical_elements` (same latents and timestep, only the context differs): the first
+block then runs its self-attention half once, on element 0 (`ModulatedCrossBlock.forward`).
 """
 
 from __future__ import annotations
@@ -64,12 +66,16 @@ class DenseDiT(nn.Module):
         return self.input_layer.weight.dtype
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-                uniform_context: Sequence[bool] | None = None) -> torch.Tensor:
+                uniform_context: Sequence[bool] | None = None, identical_elements: bool = False) -> torch.Tensor:
         """x [B, C_in, R, R, R], t [B] or [1] (timesteps in [0, 1000]), cond [B, L, C_cond] -> [B, C_out, R, R, R].
 
         uniform_context: optional caller's promise, per batch element, that all its context tokens are
         the same vector (the zero context of unconditional guidance, e.g. `(False, True)`); those
-        elements skip the cross-attention itself (`ContextCrossAttention`), with the same result."""
+        elements skip the cross-attention itself (`ContextCrossAttention`), with the same result.
+        identical_elements: optional caller's promise that all batch elements of `x` are the same
+        latents and `t` the same timestep for all of them (a guidance pair); the first block then
+        computes everything before its cross-attention once, on element 0, with the same result.
+        Nothing is read from the device to check it."""
         batch, _, rx, ry, rz = x.shape
         if (rx, ry, rz) != (self.resolution,) * 3:
             raise ValueError(f"DenseDiT expects a {self.resolution}^3 grid, got {tuple(x.shape[2:])}")
@@ -90,8 +96,11 @@ class DenseDiT(nn.Module):
             if len(uniform_context) != batch:
                 raise ValueError(f"{len(uniform_context)} uniform_context flags for {batch} batch elements")
             context = (context, None, tuple(bool(flag) for flag in uniform_context))
-        for block in self.blocks:
-            h = block(h, t_emb, context)
+        for index, block in enumerate(self.blocks):
+            if index == 0 and identical_elements:   # the first block's self-attention half runs once
+                h = block(h, t_emb, context, shared_self_attention=True)
+            else:
+                h = block(h, t_emb, context)
 
         h = F.layer_norm(h.float(), h.shape[-1:], eps=FINAL_NORM_EPS).to(dtype)
         out = self.out_layer(h)  # [B, R^3, C_out]

@@ -11,6 +11,10 @@ run on a packed `[B, L, C]` tensor (a reshape when the elements have equal sizes
 element. Everything that depends only on the coordinates (APE, SSA block bookkeeping, window
 partitions, pooling maps, neighbour maps) is cached in the input's `SparseVoxels.cache`, so a
 sampler that keeps feeding `x.replace(new_feats)` computes it once.
+
+Guidance pairs feed the same tokens twice (`identical_elements`): the first block's self-attention
+half then runs on element 0 alone (`ModulatedCrossBlock.forward`'s `shared_self_attention`), over
+element 0's own voxel set, which is kept in the batch's cache (`first_element_voxels`).
 """
 
 from __future__ import annotations
@@ -126,7 +130,7 @@ class SparseDiT(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: SparseVoxels, t: Tensor, cond, block_topk: Sequence | None = None,
-                uniform_context: Sequence[bool] | None = None) -> SparseVoxels:
+                uniform_context: Sequence[bool] | None = None, identical_elements: bool = False) -> SparseVoxels:
         """Velocity for tokens `x` at timestep(s) `t` given `cond`.
 
         cond: dense context `[B, L, cond_channels]` (v1.1; a batch of 1 is broadcast) or the
@@ -137,6 +141,12 @@ class SparseDiT(nn.Module):
         context tokens are the same vector (True for the all-zero unconditional context); the
         cross-attention of those elements then skips the attention (exact, see
         `ContextCrossAttention.forward`). Ignored for SparseVoxels conditions.
+        identical_elements: optional caller's promise that all batch elements of `x` have the same
+        features and the same (x, y, z) coordinates, and `t` the same value for all of them (the
+        [cond, uncond] pair of guidance, where only `cond` differs). The first block then computes
+        everything before its cross-attention once, on element 0 (exact: those steps are row-wise or
+        per element). Only the element sizes are checked (nothing is read from the device); a first
+        block with an injected `block_topk` selection runs in full.
         Returns SparseVoxels on x's coordinates in x's dtype.
         """
         if block_topk is not None and len(block_topk) != len(self.blocks):
@@ -144,6 +154,8 @@ class SparseDiT(nn.Module):
         dtype = self.compute_dtype
         packing = row_packing(x)
         batch_size = packing.batch_size
+        if identical_elements and packing.flat_index is not None:
+            raise ValueError(f"identical_elements: the batch elements have different sizes {x.batch_counts()}")
         h = self.input_layer(x.feats.to(dtype)) + self.position_embedding(x)
         t_emb = self.timestep_embedding(t, batch_size, x.device)
         context = self.prepare_context(cond, batch_size)
@@ -154,7 +166,11 @@ class SparseDiT(nn.Module):
         h = pack_rows(h, packing)
         for index, block in enumerate(self.blocks):
             selection = None if block_topk is None else block_topk[index]
-            h = block(h, t_emb, context, voxels=x, block_topk=selection)
+            if identical_elements and index == 0 and selection is None and batch_size > 1:
+                # the first block's self-attention half runs once, on element 0's voxels alone
+                h = block(h, t_emb, context, shared_self_attention=True, voxels=first_element_voxels(x))
+            else:
+                h = block(h, t_emb, context, voxels=x, block_topk=selection)
         h = unpack_rows(h, packing)
         # half inputs: the kernel accumulates in fp32 and rounds once (the fp32 round trip, in one pass)
         h = (F.layer_norm(h, (h.shape[-1],), eps=1e-5) if h.dtype in (torch.float16, torch.bfloat16)
@@ -162,10 +178,11 @@ class SparseDiT(nn.Module):
         return x.replace(self.out_layer(h).to(x.dtype))
 
     def step_function(self, template: SparseVoxels, cond, use_cuda_graphs: bool = True,
-                      uniform_context: Sequence[bool] | None = None):
+                      uniform_context: Sequence[bool] | None = None, identical_elements: bool = False):
         """The network call of a sampler over the fixed token set `template` and condition `cond`:
         `fn(feats [N, in_channels], t [1] or [B]) -> velocity feats [N, out_channels]`.
-        `uniform_context` is passed to `forward` (e.g. `(False, True)` for [cond, zeros]).
+        `uniform_context` and `identical_elements` are passed to `forward` (e.g. `(False, True)` and
+        True for a guidance pair [cond, zeros] whose sampler feeds both elements the same latents).
 
         Every call reuses `template`'s coordinate caches. On CUDA (and with `use_cuda_graphs`) the
         forward is captured once as a CUDA graph after two eager warm-up calls and replayed for the
@@ -174,7 +191,8 @@ class SparseDiT(nn.Module):
         from engine.sampling import CUDAGraphRunner
 
         def forward(feats: Tensor, t: Tensor) -> Tensor:
-            return self(template.replace(feats), t, cond, uniform_context=uniform_context).feats
+            return self(template.replace(feats), t, cond, uniform_context=uniform_context,
+                        identical_elements=identical_elements).feats
 
         return CUDAGraphRunner(forward, enabled=use_cuda_graphs)
 
@@ -211,8 +229,24 @@ class SparseDiT(nn.Module):
             context = entry[1].replace(torch.cat([cond.feats, uncond.feats.to(cond.feats.dtype)]))
         else:
             context = torch.cat([cond, uncond.to(cond.dtype)])
-        out = self(batch, t, context, block_topk=block_topk).feats
+        # both elements hold x's tokens; with one timestep for both, the first self-attention runs once
+        one_timestep = torch.as_tensor(t).numel() == 1
+        out = self(batch, t, context, block_topk=block_topk, identical_elements=one_timestep).feats
         return out[:x.num_voxels], out[x.num_voxels:]
+
+
+def first_element_voxels(x: SparseVoxels) -> SparseVoxels:
+    """Batch element 0 of `x` as its own SparseVoxels (no feature columns: a coordinate template),
+    kept in `x.cache`, so that its coordinate caches (SSA layout, windows) are built on the first
+    call and shared by every later `x.replace(...)`; `x` itself for a batch of one."""
+    if x.batch_size == 1:
+        return x
+    first = x.cache.get("first_element_voxels")
+    if first is None:
+        rows = x.batch_slices()[0]
+        first = SparseVoxels(x.feats.new_zeros(rows.stop - rows.start, 0), x.coords[rows])
+        x.cache["first_element_voxels"] = first
+    return first
 
 
 def sparse_condition_tokens(dense_context: Tensor, mask: Tensor, patch_size: int = 14) -> SparseVoxels:
