@@ -366,10 +366,10 @@ SL_SIG = dict(q_ptr=h, k_ptr=h, v_ptr=h, o_ptr=h, sel_ptr="*i32", offsets_ptr="*
 for block_n, kp, ch in ((32, 8, 32), (64, 32, 32)):
     compile_sm90(SL._selection_fwd, SL_SIG, dict(G=16, TOKENS=4, D=32, U=4 * kp, KP=kp, BLOCK_N=block_n, CH=ch),
                  num_stages=3)
-W_SIG = dict(q_ptr=h, k_ptr=h, v_ptr=h, o_ptr=h, order_ptr="*i32", win_ptr="*i32", cu_ptr="*i32", n_tokens=i32,
+W_SIG = dict(q_ptr=h, k_ptr=h, v_ptr=h, o_ptr=h, order_ptr="*i32", chunk_ptr="*i32",
              sq_n=i32, sq_h=i32, sk_n=i32, sk_h=i32, sv_n=i32, sv_h=i32, so_n=i32, so_h=i32, scale_log2=f32,
-             G="constexpr", TOKENS="constexpr", D="constexpr", BLOCK_N="constexpr")
-compile_sm90(WN._window_fwd, W_SIG, dict(G=16, TOKENS=4, D=32, BLOCK_N=32))
+             G="constexpr", HEADS="constexpr", TOKENS="constexpr", D="constexpr", BLOCK_N="constexpr")
+compile_sm90(WN._window_fwd, W_SIG, dict(G=16, HEADS=16, TOKENS=8, D=32, BLOCK_N=32))
 '''
 
 
