@@ -632,23 +632,33 @@ class _PatchSource:
         local = self.xyz - lo
         return local, ((local >= 0) & (local < size)).all(dim=1)
 
-    def counts(self, origins: Sequence[Sequence[int]], size: int) -> list[int]:
-        """Number of rows inside each box (one host synchronisation for all boxes)."""
-        if not origins:
-            return []
-        return torch.stack([self._inside(origin, size)[1].sum() for origin in origins]).tolist()
+    def box_rows(self, origins: Sequence[Sequence[int]], size: int) -> list[tuple[Tensor, Tensor]]:
+        """Per box: the voxel offsets inside it ((x * size + y) * size + z) of the rows it holds and
+        their row ids (int64: the index type of ``index_copy_``). Built for all boxes before any patch runs: these are the whole
+        run's host synchronisations, so the patch loop then enqueues its work without waiting for the
+        GPU (a wait per patch left the GPU idle while the host launched the next patch)."""
+        boxes = []
+        for origin in origins:
+            local, inside = self._inside(origin, size)
+            rows = torch.nonzero(inside).squeeze(1)
+            local = local[rows]
+            boxes.append(((local[:, 0].long() * size + local[:, 1]) * size + local[:, 2], rows))
+        return boxes
 
-    def densify(self, origin: Sequence[int], size: int, background: Tensor, out_dtype,
+    def densify(self, box: tuple[Tensor, Tensor], size: int, background: Tensor, out_dtype,
                 memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
         """[1, C, size, size, size] with ``background`` [C] where no row lies, in ``memory_format``
-        (contiguous or channels_last_3d)."""
-        local, inside = self._inside(origin, size)
-        local = local[inside].long()
+        (contiguous or channels_last_3d); ``box`` from :meth:`box_rows`."""
+        offsets, rows = box
         channels = background.numel()
         patch = torch.empty((1, channels, size, size, size), dtype=out_dtype, device=self.xyz.device,
                             memory_format=memory_format)
         patch.copy_(background.to(out_dtype).view(1, channels, 1, 1, 1))
-        patch[0, :, local[:, 0], local[:, 1], local[:, 2]] = self.values[inside].to(out_dtype).T
+        values = self.values.index_select(0, rows).to(out_dtype)
+        if memory_format == torch.channels_last_3d:
+            patch.permute(0, 2, 3, 4, 1).view(-1, channels).index_copy_(0, offsets, values)
+        else:
+            patch.view(channels, -1).index_copy_(1, offsets, values.T)
         return patch
 
 
@@ -795,18 +805,19 @@ class Refiner512(_DenseLayout, nn.Module):
         volume = torch.zeros((resolution,) * 3, dtype=torch.float32, device=device)
         boxes = list(itertools.product(range(len(origins)), repeat=3))
         box_origins = [(origins[i], origins[j], origins[k]) for i, j, k in boxes]
-        occupied = source.counts(box_origins, patch_size)
+        box_rows = source.box_rows(box_origins, patch_size)
         fmt = self.activation_format()
         empty_result = None  # a patch without rows is all background: its output is computed once
         with _cudnn_autotuning(device):
             for n, ((i, j, k), origin) in enumerate(zip(boxes, box_origins)):
-                if occupied[n] == 0 and empty_result is not None:
+                occupied = box_rows[n][1].numel() > 0
+                if not occupied and empty_result is not None:
                     refined = empty_result
                 else:
-                    patch = source.densify(origin, patch_size, background, dtype, fmt)
+                    patch = source.densify(box_rows[n], patch_size, background, dtype, fmt)
                     refined = self.refine_embedded_patch(patch[:, :1], patch[:, 1:])[0, 0]
                     del patch
-                    if occupied[n] == 0:
+                    if not occupied:
                         empty_result = refined
                 blend = weights[i].view(-1, 1, 1) * weights[j].view(1, -1, 1) * weights[k].view(1, 1, -1)
                 region = volume[origin[0]:origin[0] + patch_size, origin[1]:origin[1] + patch_size,
@@ -981,20 +992,21 @@ class SignRefiner1024(_DenseLayout, nn.Module):
         grid = torch.zeros((half,) * 3, dtype=torch.bool, device=device)
         boxes = list(itertools.product(range(len(origins)), repeat=3))
         box_origins = [(origins[i], origins[j], origins[k]) for i, j, k in boxes]
-        occupied = source.counts(box_origins, patch_size)
+        box_rows = source.box_rows(box_origins, patch_size)
         fmt = self.activation_format()
         empty_sign = None  # a patch without rows is all background: its signs are computed once
         with _cudnn_autotuning(device):
             for n, (x0, y0, z0) in enumerate(box_origins):
-                if occupied[n] == 0 and empty_sign is not None:
+                occupied = box_rows[n][1].numel() > 0
+                if not occupied and empty_sign is not None:
                     positive = empty_sign
                 else:
-                    patch = source.densify((x0, y0, z0), patch_size, background, dtype, fmt)
+                    patch = source.densify(box_rows[n], patch_size, background, dtype, fmt)
                     logits = self.sign_logits_patch(patch)
                     del patch
                     positive = self.positive_sign(logits)[0, 0]
                     del logits
-                    if occupied[n] == 0:
+                    if not occupied:
                         empty_sign = positive
                 grid[x0:x0 + patch_size, y0:y0 + patch_size, z0:z0 + patch_size] = positive
                 if progress is not None:
