@@ -634,9 +634,10 @@ class _PatchSource:
 
     def box_rows(self, origins: Sequence[Sequence[int]], size: int) -> list[tuple[Tensor, Tensor]]:
         """Per box: the voxel offsets inside it ((x * size + y) * size + z) of the rows it holds and
-        their row ids (int64: the index type of ``index_copy_``). Built for all boxes before any patch runs: these are the whole
-        run's host synchronisations, so the patch loop then enqueues its work without waiting for the
-        GPU (a wait per patch left the GPU idle while the host launched the next patch)."""
+        their row ids (int64, the index type of ``index_copy_``). Built for all boxes before any patch
+        runs: these are the whole run's host synchronisations, so the patch loop then enqueues its
+        work without waiting for the GPU (a wait per patch left the GPU idle while the host launched
+        the next patch's kernels)."""
         boxes = []
         for origin in origins:
             local, inside = self._inside(origin, size)
