@@ -414,25 +414,20 @@ def _side_by_side(tensor: Tensor, row_ranges: list[slice]) -> Tensor:
     return torch.cat([tensor[rows] for rows in row_ranges], dim=1)
 
 
-def _element_rows(tensor: Tensor, row_ranges: list[slice]) -> Tensor | None:
+def _element_view(tensor: Tensor, row_ranges: list[slice]) -> Tensor | None:
     """The rows of m batch elements with as many rows each and evenly spaced starts as one strided
-    view [n, m, ...] of `tensor` [N, ...] (no copy); None if the starts are not evenly spaced."""
+    view [n, m, H, D] of `tensor` [N, H, D] (no copy; the Triton kernels' element layout); None if
+    the starts are not evenly spaced or a stride is not a multiple of 16 elements (the kernels'
+    loads would not vectorise: slower than copying)."""
     first, n = row_ranges[0].start, row_ranges[0].stop - row_ranges[0].start
     step = row_ranges[1].start - first if len(row_ranges) > 1 else n
     if any(r.start != first + j * step or r.stop - r.start != n for j, r in enumerate(row_ranges)):
         return None
+    if tensor.stride(-1) != 1 or any(st % 16 for st in tensor.stride()[:-1]):
+        return None
     size = (n, len(row_ranges)) + tuple(tensor.shape[1:])
     stride = (tensor.stride(0), step * tensor.stride(0)) + tuple(tensor.stride()[1:])
     return tensor.as_strided(size, stride, tensor.storage_offset() + first * tensor.stride(0))
-
-
-def _element_view(tensor: Tensor, row_ranges: list[slice]) -> Tensor | None:
-    """`_element_rows` of `tensor` [N, H, D] as [n, m, H, D] (the Triton kernels' element layout);
-    None also if a stride is not a multiple of 16 elements (the kernels' loads would not vectorise:
-    slower than copying)."""
-    if tensor.stride(-1) != 1 or any(st % 16 for st in tensor.stride()[:-1]):
-        return None
-    return _element_rows(tensor, row_ranges)
 
 
 # ============================================================================ modules
@@ -593,13 +588,10 @@ class SpatialSparseAttention(nn.Module):
         triton_ops = ops is not _TorchOps
         partition = window_partition(voxels, self.window_size, self.shift_window)
         windowed = getattr(ops, "windowed_attention", windowed_attention)(q, k, v, partition)
-        # gated sum written per batch-element group straight from the kernels' outputs (no copies back):
-        # by the Triton selection kernel's epilogue where the group's rows form one strided view, else
-        # by one Triton pass per element (CUDA) or by PyTorch; with autograd on, the same sum out of
-        # place, per element, concatenated in row order
+        # gated sum written per batch-element group straight from the kernels' outputs (no copies back);
+        # with autograd on, the same sum out of place, per element, concatenated in row order
         mixed = torch.empty_like(q)
         differentiable = torch.is_grad_enabled() and (x.requires_grad or self.gate[0].weight.requires_grad)
-        gated_selection = getattr(ops, "GATED_SELECTION", False) and not differentiable
         gated_branch_sum = _gated_sum_kernel() if x.is_cuda and not differentiable else None
         fused_sum = gated_branch_sum is not None
         if not fused_sum:
@@ -649,21 +641,8 @@ class SpatialSparseAttention(nn.Module):
             given = [g.to(device=x.device, dtype=torch.int32) for g in given]
             if combined is None:
                 combined = given[0] if len(given) == 1 else torch.cat(given, dim=0)
-            # the group's rows of windowed / gate logits / mixed: [n, E, ...] views for the fused sum
-            targets = [_element_rows(t, token_rows) for t in (windowed, gate_logits, mixed)] if gated_selection \
-                else [None]
-            in_selection = all(t is not None for t in targets)
-            if in_selection:   # the selection kernel writes the gated sum into mixed
-                windowed_m, logits_m, mixed_m = targets
-                ops.selection_attention(q_m, k_m, v_m, combined, blocks.block_offsets,
-                                        gated_sum=(out_m, windowed_m, logits_m), out=mixed_m)
-            else:
-                sel_m = ops.selection_attention(q_m, k_m, v_m, combined, blocks.block_offsets)
+            sel_m = ops.selection_attention(q_m, k_m, v_m, combined, blocks.block_offsets)
             for j, (element, rows) in enumerate(zip(members, token_rows)):
-                covered += rows.stop - rows.start
-                selections[element] = given[j]
-                if in_selection:
-                    continue
                 heads = slice(j * hq, (j + 1) * hq)
                 if differentiable:
                     g = gates[rows]
@@ -678,6 +657,8 @@ class SpatialSparseAttention(nn.Module):
                     torch.mul(out_m[:, heads], g[:, 0], out=target)
                     target.addcmul_(sel_m[:, heads], g[:, 1])
                     target.addcmul_(windowed[rows], g[:, 2])
+                covered += rows.stop - rows.start
+                selections[element] = given[j]
         if covered != n_tokens:   # only empty batch elements are skipped; their rows are empty too
             raise RuntimeError("SSA: token rows not covered by the batch elements")
         if differentiable:

@@ -2,8 +2,7 @@
 
 * `compressed_attention(q, ck, cv) -> (out, lse)`      (compressed.py)
 * `select_blocks(q, ck, lse, comp_block_ids, num_blocks, topk) -> block_topk`   (select.py)
-* `selection_attention(q, k, v, block_topk, block_offsets) -> out`             (selection.py;
-  with `gated_sum=(compressed, windowed, gate_logits), out=` it writes the branches' gated sum)
+* `selection_attention(q, k, v, block_topk, block_offsets) -> out`             (selection.py)
 * `windowed_attention(q, k, v, partition) -> out`      (window.py; signature of engine.sparse)
 * `block_pool(feats, order, offsets, silu) -> pooled`  (pool.py; the K/V compression's pooling)
 * `add_table_rows(x, table, index) -> x + table[index]` (pool.py; keys plus intra-block position)
@@ -26,7 +25,6 @@ from .selection import selection_attention  # noqa: E402
 from .window import windowed_attention  # noqa: E402
 
 ELEMENT_VIEWS = True   # compressed_attention / select_blocks / selection_attention accept [N, E, H, D]
-GATED_SELECTION = True   # selection_attention can write the gated branch sum (gated_sum=, out=)
 
-__all__ = ["ELEMENT_VIEWS", "GATED_SELECTION", "add_table_rows", "block_pool", "compressed_attention", "select_blocks",
+__all__ = ["ELEMENT_VIEWS", "add_table_rows", "block_pool", "compressed_attention", "select_blocks",
            "selection_attention", "block_members", "windowed_attention"]

@@ -13,10 +13,6 @@ Rows whose token did not select the block are masked per row (their max is kept 
 offset is +inf, so p = 0 and alpha = 1); only a block's last, partial key tile also masks columns.
 The result is exact per-token top-k attention.
 
-With `gated_sum`, the epilogue writes the gated sum of the three SSA branches instead of the
-selection output (`GATED`): the compressed and window outputs and the gate logits are read per row,
-with the roundings of `engine.kernels.modulation.gated_branch_sum`, so the separate pass goes.
-
 Where a tile's tokens selected mostly different blocks (random weights do that; trained ones mostly
 do not), the union wastes most rows of every iteration. By default the shared-tile pass (MODE 1)
 leaves such tiles, flagged, to a second launch of the same kernel with one token and one warp per
@@ -32,25 +28,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .compressed import LOG2E, _by_element, _group, _last_dim_contiguous, grouped_query_rows
+from .compressed import LOG2E, _by_element, _group, grouped_query_rows
 
 
 @triton.jit
-def _rounded_gate(logit_ptr, mask, out_ptr):
-    """sigmoid of the logits in fp32, rounded to the output dtype (the PyTorch path's gate tensor)."""
-    x = tl.load(logit_ptr, mask=mask, other=0.0).to(tl.float32)
-    return (1.0 / (1.0 + tl.exp(-x))).to(out_ptr.dtype.element_ty).to(tl.float32)
-
-
-@triton.jit
-def _selection_fwd(q_ptr, k_ptr, v_ptr, o_ptr, sel_ptr, offsets_ptr, tab_ptr, flag_ptr, c_ptr, w_ptr, g_ptr,
-                   n_tokens, topk, n_tiles, n_flag_tiles, hkv_e,
-                   sq_n, sq_h, sq_b, sk_n, sk_h, sk_b, sv_n, sv_h, sv_b, so_n, so_h, so_b, ss_h, ss_n,
-                   sc_n, sc_h, sc_b, sw_n, sw_h, sw_b, sg_n, sg_b,
+def _selection_fwd(q_ptr, k_ptr, v_ptr, o_ptr, sel_ptr, offsets_ptr, tab_ptr, flag_ptr, n_tokens, topk, n_tiles,
+                   n_flag_tiles, hkv_e,
+                   sq_n, sq_h, sq_b, sk_n, sk_h, sk_b, sv_n, sv_h, sv_b, so_n, so_h, ss_h, ss_n,
                    scale_log2, split,
                    G: tl.constexpr, TOKENS: tl.constexpr, D: tl.constexpr, U: tl.constexpr,
                    KP: tl.constexpr, BLOCK_N: tl.constexpr, CH: tl.constexpr, MODE: tl.constexpr,
-                   PARENT: tl.constexpr, GATED: tl.constexpr):
+                   PARENT: tl.constexpr):
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
     if MODE == 2:   # per-token pass: only the tokens of tiles that the shared pass left
@@ -139,28 +127,8 @@ def _selection_fwd(q_ptr, k_ptr, v_ptr, o_ptr, sel_ptr, offsets_ptr, tab_ptr, fl
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    dtype = o_ptr.dtype.element_ty
-    o_rows = o_ptr + tok[:, None] * so_n + dims[None, :]
-    keep = row_ok[:, None] & (run > 0)
-    if GATED:   # out = compressed * g0 + selected * g1 + windowed * g2, rounded as torch.mul, addcmul_ x2;
-        # these tensors (and out) are per element: row (token, element, query head within the element)
-        q_head = head - elem * (hkv_e * G)
-        logits = g_ptr + elem * sg_b + tok * sg_n
-        g0 = _rounded_gate(logits, row_ok, o_ptr)
-        g1 = _rounded_gate(logits + 1, row_ok, o_ptr)
-        g2 = _rounded_gate(logits + 2, row_ok, o_ptr)
-        c = tl.load(c_ptr + elem * sc_b + tok[:, None] * sc_n + q_head[:, None] * sc_h + dims[None, :],
-                    mask=keep, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + elem * sw_b + tok[:, None] * sw_n + q_head[:, None] * sw_h + dims[None, :],
-                    mask=keep, other=0.0).to(tl.float32)
-        selected = out.to(dtype).to(tl.float32)
-        out = (c * g0[:, None]).to(dtype).to(tl.float32)
-        out = (out + selected * g1[:, None]).to(dtype).to(tl.float32)
-        out = out + w * g2[:, None]
-        o_rows += elem * so_b + q_head[:, None] * so_h
-    else:       # the selection output, combined heads
-        o_rows += head[:, None] * so_h
-    tl.store(o_rows, out.to(dtype), mask=keep)
+    tl.store(o_ptr + tok[:, None] * so_n + head[:, None] * so_h + dims[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (run > 0))
 
 
 # Shared tiles cost a key-tile iteration for every block of their union, per-token programs (one
@@ -170,55 +138,14 @@ def _selection_fwd(q_ptr, k_ptr, v_ptr, o_ptr, sel_ptr, offsets_ptr, tab_ptr, fl
 DEFAULT_SPLIT = 0.45
 
 
-def _element_strides(x: Tensor, heads: int) -> tuple[int, int, int]:
-    """(token, head, element) strides of x [N, E * heads, D] (combined heads: element e's head h is
-    e * heads + h) or [N, E, heads, D]."""
-    if x.dim() == 4:
-        return x.stride(0), x.stride(2), x.stride(1)
-    return x.stride(0), x.stride(1), heads * x.stride(1)
-
-
-def _gated_sum_inputs(gated_sum, out: Tensor | None, q: Tensor, hq: int, hq_e: int, d: int):
-    """Checked (compressed, windowed, gate_logits, out) of the fused gated sum and their strides."""
-    if out is None:
-        raise ValueError("gated_sum needs `out`")
-    compressed, windowed, gate_logits = gated_sum
-    n_tokens, elements = q.shape[0], hq // hq_e
-    for name, t in (("compressed", compressed), ("windowed", windowed), ("out", out)):
-        if t.dtype != q.dtype or t.shape[0] != n_tokens or math.prod(t.shape[1:]) != hq * d or \
-                t.dim() not in (3, 4) or t.shape[-1] != d or (t.dim() == 4 and t.shape[1] != elements):
-            raise ValueError(f"{name} {tuple(t.shape)} {t.dtype} does not match q: {n_tokens} tokens, "
-                             f"{elements} x {hq_e} heads of {d}, {q.dtype}")
-    element_dims = [(elements,)] + ([()] if elements == 1 else [])
-    if gate_logits.shape[0] != n_tokens or gate_logits.shape[-1] < 3 or \
-            tuple(gate_logits.shape[1:-1]) not in element_dims:
-        raise ValueError(f"gate_logits {tuple(gate_logits.shape)}: expected [N, >= 3] or [N, E, >= 3]")
-    if out.stride(-1) != 1:
-        raise ValueError("out needs unit stride along D")
-    compressed, windowed, out = (_last_dim_contiguous(t) for t in (compressed, windowed, out))
-    gate_logits = gate_logits if gate_logits.stride(-1) == 1 else gate_logits.contiguous()
-    gate_strides = (gate_logits.stride(0), gate_logits.stride(1) if gate_logits.dim() == 3 else 0)
-    return (compressed, windowed, gate_logits, out), \
-        _element_strides(compressed, hq_e) + _element_strides(windowed, hq_e) + gate_strides
-
-
 def selection_attention(q: Tensor, k: Tensor, v: Tensor, block_topk: Tensor, block_offsets: Tensor,
-                        max_block_len: int | None = None, *, gated_sum: tuple[Tensor, Tensor, Tensor] | None = None,
-                        out: Tensor | None = None, tokens_per_program: int | None = None,
+                        max_block_len: int | None = None, *, tokens_per_program: int | None = None,
                         block_n: int = 32, num_warps: int = 4, num_stages: int = 3,
                         split: float | None = None) -> Tensor:
     """q [N, Hq, D]; k/v [N, Hkv, D] block-sorted; block_topk [Hkv, N, topk]; block_offsets
     [num_blocks + 1] -> out [N, Hq, D] in q's dtype. `max_block_len` is accepted for signature parity.
     Also q [N, E, Hq, D], k/v [N, E, Hkv, D] (E elements on the same blocks side by side, read in
     place) with block_topk [E * Hkv, N, topk] -> out [N, E * Hq, D].
-
-    `gated_sum=(compressed, windowed, gate_logits)`: writes into `out` (returned) the gated sum of
-    the three SSA branches instead of the selection output, as `engine.kernels.modulation.
-    gated_branch_sum` rounds it: g = sigmoid(gate_logits[..., :3]) rounded to q's dtype, then
-    out = compressed * g0, out += selected * g1, out += windowed * g2, each step rounded (the
-    selection result rounded first). compressed [N, E * Hq, D] (combined heads, as from
-    compressed_attention); windowed and out [N, Hq, D] for one element, [N, E, Hq, D] for E (e.g.
-    strided views of each element's rows of the full tensors); gate_logits [N, >= 3] / [N, E, >= 3].
 
     Tiles of `tokens_per_program` tokens (default: 64 rows). `split`: tiles whose tokens select
     mostly different blocks (union > split x own key tiles) are computed by a second, per-token
@@ -228,11 +155,7 @@ def selection_attention(q: Tensor, k: Tensor, v: Tensor, block_topk: Tensor, blo
     v, _, _, sv_b = _by_element(v)
     n_tokens, d = q.shape[0], q.shape[-1]
     group = _group(hq, hkv, hq_e, hkv_e)
-    if gated_sum is None:
-        out = q.new_empty(n_tokens, hq, d)
-        branches, branch_strides = (out, out, out), (0,) * 8
-    else:
-        (*branches, out), branch_strides = _gated_sum_inputs(gated_sum, out, q, hq, hq_e, d)
+    out = q.new_empty(n_tokens, hq, d)
     if n_tokens == 0:
         return out
     if tokens_per_program is None:
@@ -244,8 +167,9 @@ def selection_attention(q: Tensor, k: Tensor, v: Tensor, block_topk: Tensor, blo
         split = None
     sel = block_topk.to(torch.int32).contiguous()
     offsets = block_offsets.to(device=q.device, dtype=torch.int32).contiguous()
+    common = (q, k, v, out, sel, offsets)
     strides = (q.stride(0), q.stride(-2), sq_b, k.stride(0), k.stride(-2), sk_b, v.stride(0), v.stride(-2), sv_b,
-               *_element_strides(out, hq_e), sel.stride(0), sel.stride(1), *branch_strides, LOG2E / math.sqrt(d))
+               out.stride(0), out.stride(1), sel.stride(0), sel.stride(1), LOG2E / math.sqrt(d))
     topk = sel.shape[-1]
 
     def launch(tokens: int, mode: int, flags: Tensor, n_flag_tiles: int, warps: int):
@@ -253,12 +177,11 @@ def selection_attention(q: Tensor, k: Tensor, v: Tensor, block_topk: Tensor, blo
         kp = triton.next_power_of_2(max(1, topk))
         u = triton.next_power_of_2(tokens * kp)
         scratch = torch.empty(hkv * n_tiles * 4 * u, dtype=torch.int32, device=q.device)
-        _selection_fwd[(n_tiles, hkv)](q, k, v, out, sel, offsets, scratch, flags, *branches,
-                                       n_tokens, topk, n_tiles, n_flag_tiles, hkv_e,
+        _selection_fwd[(n_tiles, hkv)](*common, scratch, flags, n_tokens, topk, n_tiles, n_flag_tiles, hkv_e,
                                        *strides, 0.0 if split is None else float(split),
                                        G=group, TOKENS=tokens, D=d, U=u, KP=kp, BLOCK_N=block_n,
                                        CH=min(u, max(1, 4096 // u)), MODE=mode, PARENT=tokens_per_program,
-                                       GATED=gated_sum is not None, num_warps=warps, num_stages=num_stages)
+                                       num_warps=warps, num_stages=num_stages)
 
     if split is None:
         launch(tokens_per_program, 0, sel, 0, num_warps)
