@@ -103,32 +103,3 @@ def test_module_fused_keys_match_unfused_and_torch_backend(monkeypatch, pattern)
     assert torch.equal(fused, unfused)   # keys + position rounded once either way: bit for bit
     assert close(fused, oracle, rtol=5e-2, atol=5e-3)
 
-
-_COMPILE_SCRIPT = r'''
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import engine.attention.triton.pool as P
-
-def compile_sm90(fn, sig, consts, **options):
-    names = list(sig)
-    # like the JIT: pointers and strides specialised as divisible by 16
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
-             if sig[n].startswith("*") or (n.startswith("s") and sig[n] == "i32")}
-    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, **options))
-    print(fn.__name__, consts, "ok")
-
-i32, h = "i32", "*fp16"
-P_SIG = dict(x_ptr=h, table_ptr="*fp32", index_ptr="*i64", out_ptr=h, n_rows=i32, channels=i32, sx=i32, st=i32,
-             so=i32, BLOCK_R="constexpr", BLOCK_C="constexpr")
-compile_sm90(P._add_table_rows_fwd, P_SIG, dict(BLOCK_R=32, BLOCK_C=128))
-'''
-
-
-def test_kernels_compile_for_hopper():
-    """The keys + position kernel lowers to sm_90 (the interpreter does not catch everything the
-    compiler rejects)."""
-    from helpers.sm90 import compile_for_sm90
-
-    assert compile_for_sm90(_COMPILE_SCRIPT, timeout=300).count(" ok") == 1

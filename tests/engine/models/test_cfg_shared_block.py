@@ -23,25 +23,12 @@ from engine.models.dense_dit import DenseDiT
 from engine.models.sparse_dit import SparseDiT, first_element_voxels, sparse_condition_tokens
 from engine.sampling import CUDAGraphRunner
 from engine.sparse import SparseVoxels
+from helpers.coords import shell_coords
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 # ------------------------------------------------------------------------------------------ inputs
-def shell_coords(radius: float, centre, size: int, batch: int = 0) -> torch.Tensor:
-    """Voxels of a spherical shell in a size^3 grid, in sort_block order (8^3 block id, then in-block)."""
-    axis = torch.arange(size)
-    cells = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)
-    dist = ((cells.double() - torch.tensor(centre)) ** 2).sum(-1).sqrt()
-    cells = cells[(dist - radius).abs() < 1.2]
-    blocks, within = cells // 8, cells % 8
-    span = size // 8 + 1
-    key = ((blocks[:, 0] * span + blocks[:, 1]) * span + blocks[:, 2]) * 512 + \
-        (within[:, 0] * 8 + within[:, 1]) * 8 + within[:, 2]
-    cells = cells[torch.argsort(key)]
-    return torch.cat([torch.full((cells.shape[0], 1), batch), cells], dim=1).to(torch.int32)
-
-
 def tiny_sparse_config(version: str, **overrides) -> SparseDiTConfig:
     v10 = version == "v1.0"
     params = dict(resolution=32, in_channels=4, out_channels=4, model_channels=64, cond_channels=64 if v10 else 48,

@@ -17,6 +17,7 @@ from engine.models.sparse_dit import SparseDiT, sparse_condition_tokens
 from engine.sampling import CUDAGraphRunner
 from engine.sparse import SparseVoxels, window_partition, windowed_attention
 from engine.sparse.attention import _self_attention_buckets
+from helpers.coords import shell_coords
 
 # ops that make a CUDA device wait for the host or the host wait for the device
 SYNCING_OPS = {"aten.nonzero", "aten._local_scalar_dense", "aten._unique2", "aten.unique_dim",
@@ -93,19 +94,6 @@ class KernelsOffRecord:
     compressed_attention = staticmethod(_paused(ssa_module.compressed_attention))
     select_blocks = staticmethod(_paused(ssa_module.select_blocks))
     selection_attention = staticmethod(_paused(ssa_module.selection_attention))
-
-
-def shell_coords(radius, centre, size, batch=0):
-    axis = torch.arange(size)
-    cells = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)
-    dist = ((cells.double() - torch.tensor(centre)) ** 2).sum(-1).sqrt()
-    cells = cells[(dist - radius).abs() < 1.2]
-    blocks, within = cells // 8, cells % 8
-    span = size // 8 + 1
-    key = ((blocks[:, 0] * span + blocks[:, 1]) * span + blocks[:, 2]) * 512 + \
-        (within[:, 0] * 8 + within[:, 1]) * 8 + within[:, 2]
-    cells = cells[torch.argsort(key)]
-    return torch.cat([torch.full((cells.shape[0], 1), batch), cells], dim=1).to(torch.int32)
 
 
 def tiny_sparse_dit(version="v1.1", seed=0):
