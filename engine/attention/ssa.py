@@ -414,6 +414,13 @@ def _side_by_side(tensor: Tensor, row_ranges: list[slice]) -> Tensor:
     return torch.cat([tensor[rows] for rows in row_ranges], dim=1)
 
 
+def _rows_in_equal_parts(layout: SSALayout, members: list[int], n_tokens: int) -> bool:
+    """Whether the elements `members` hold the token rows [j * n, (j + 1) * n), j = 0.., and nothing else."""
+    n = n_tokens // max(1, len(members))
+    return n * len(members) == n_tokens and all(
+        layout.elements[e].token_rows == slice(j * n, (j + 1) * n) for j, e in enumerate(members))
+
+
 def _element_view(tensor: Tensor, row_ranges: list[slice]) -> Tensor | None:
     """The rows of m batch elements with as many rows each and evenly spaced starts as one strided
     view [n, m, H, D] of `tensor` [N, H, D] (no copy; the Triton kernels' element layout); None if
@@ -587,11 +594,17 @@ class SpatialSparseAttention(nn.Module):
 
         triton_ops = ops is not _TorchOps
         partition = window_partition(voxels, self.window_size, self.shift_window)
-        windowed = getattr(ops, "windowed_attention", windowed_attention)(q, k, v, partition)
-        # gated sum written per batch-element group straight from the kernels' outputs (no copies back);
-        # with autograd on, the same sum out of place, per element, concatenated in row order
-        mixed = torch.empty_like(q)
+        window_attention = getattr(ops, "windowed_attention", windowed_attention)
         differentiable = torch.is_grad_enabled() and (x.requires_grad or self.gate[0].weight.requires_grad)
+        groups = _elements_by_layout(layout)
+        # One group of elements holding rows [j * n, (j + 1) * n) (a guidance pair, or one element): the
+        # Triton window kernel, run last, writes the gated sum of the three branches itself
+        gated_window = getattr(ops, "GATED_WINDOW", False) and not differentiable and len(groups) == 1 and \
+            _rows_in_equal_parts(layout, groups[0], n_tokens)
+        windowed = None if gated_window else window_attention(q, k, v, partition)
+        # otherwise the gated sum is written per batch-element group straight from the kernels' outputs
+        # (no copies back); with autograd on, the same sum out of place, per element, in row order
+        mixed = torch.empty_like(q)
         gated_branch_sum = _gated_sum_kernel() if x.is_cuda and not differentiable else None
         fused_sum = gated_branch_sum is not None
         if not fused_sum:
@@ -603,7 +616,7 @@ class SpatialSparseAttention(nn.Module):
             raise ValueError(f"block_topk has {len(injected)} entries for {len(layout.elements)} batch elements")
         selections: list = [None] * len(layout.elements)
         covered = 0
-        for members in _elements_by_layout(layout):
+        for members in groups:
             blocks = layout.elements[members[0]].blocks
             # Elements with identical coordinates run as one call with their heads side by side:
             # element j owns query heads j*Hq.. and KV heads j*Hkv.., and the consecutive GQA grouping
@@ -643,6 +656,10 @@ class SpatialSparseAttention(nn.Module):
                 combined = given[0] if len(given) == 1 else torch.cat(given, dim=0)
             sel_m = ops.selection_attention(q_m, k_m, v_m, combined, blocks.block_offsets)
             for j, (element, rows) in enumerate(zip(members, token_rows)):
+                covered += rows.stop - rows.start
+                selections[element] = given[j]
+                if gated_window:   # summed by the window kernel below
+                    continue
                 heads = slice(j * hq, (j + 1) * hq)
                 if differentiable:
                     g = gates[rows]
@@ -657,8 +674,9 @@ class SpatialSparseAttention(nn.Module):
                     torch.mul(out_m[:, heads], g[:, 0], out=target)
                     target.addcmul_(sel_m[:, heads], g[:, 1])
                     target.addcmul_(windowed[rows], g[:, 2])
-                covered += rows.stop - rows.start
-                selections[element] = given[j]
+        if gated_window:
+            mixed = window_attention(q, k, v, partition,
+                                     gated_sum=(out_m, sel_m, gate_logits, n_tokens // len(groups[0])))
         if covered != n_tokens:   # only empty batch elements are skipped; their rows are empty too
             raise RuntimeError("SSA: token rows not covered by the batch elements")
         if differentiable:

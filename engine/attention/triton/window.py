@@ -21,11 +21,34 @@ from .compressed import LOG2E, _last_dim_contiguous, online_softmax_tile
 
 
 @triton.jit
+def _gated_branch_rows(out, tok, head, dims, row_ok, c_ptr, s_ptr, l_ptr, sc_n, sc_h, ss_n, ss_h, sl_n,
+                       element_rows, element_heads, dtype):
+    """The SSA gated sum of rows (token `tok`, query head `head`) whose window-branch result is
+    `out` (fp32): compressed and selection outputs read from their side-by-side layout [n, E * Hq, D]
+    (element tok // element_rows, its token tok % element_rows), the three gates from the logits
+    rows; the roundings of `engine.kernels.modulation.gated_branch_sum` (mul, then two addcmul_)."""
+    elem = tok // element_rows
+    local = tok - elem * element_rows
+    side_head = elem * element_heads + head
+    c = tl.load(c_ptr + local * sc_n + side_head * sc_h + dims, mask=row_ok, other=0.0).to(tl.float32)
+    s = tl.load(s_ptr + local * ss_n + side_head * ss_h + dims, mask=row_ok, other=0.0).to(tl.float32)
+    w = out.to(dtype).to(tl.float32)
+    logits = l_ptr + tok * sl_n
+    g0 = (1.0 / (1.0 + tl.exp(-tl.load(logits, mask=row_ok, other=0.0).to(tl.float32)))).to(dtype).to(tl.float32)
+    g1 = (1.0 / (1.0 + tl.exp(-tl.load(logits + 1, mask=row_ok, other=0.0).to(tl.float32)))).to(dtype).to(tl.float32)
+    g2 = (1.0 / (1.0 + tl.exp(-tl.load(logits + 2, mask=row_ok, other=0.0).to(tl.float32)))).to(dtype).to(tl.float32)
+    acc = (c * g0).to(dtype).to(tl.float32)
+    acc = (acc + s * g1).to(dtype).to(tl.float32)
+    return (acc + w * g2).to(dtype)
+
+
+@triton.jit
 def _window_fwd(q_ptr, k_ptr, v_ptr, o_ptr, order_ptr, chunk_ptr,
                 sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_n, so_h,
                 scale_log2,
+                c_ptr, s_ptr, l_ptr, sc_n, sc_h, ss_n, ss_h, sl_n, element_rows, element_heads,
                 G: tl.constexpr, HEADS: tl.constexpr, TOKENS: tl.constexpr, D: tl.constexpr,
-                BLOCK_N: tl.constexpr):
+                BLOCK_N: tl.constexpr, GATED: tl.constexpr):
     chunk = tl.program_id(0)
     head0 = tl.program_id(1) * HEADS        # first query head of this program
     kv_head = head0 // G
@@ -68,7 +91,12 @@ def _window_fwd(q_ptr, k_ptr, v_ptr, o_ptr, order_ptr, chunk_ptr,
     m_i, l_i, acc = online_softmax_tile(q, k_head, v_head, tl.trans(col_ok), m_i, l_i, acc, scale_log2)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(o_ptr + tok * so_n + head * so_h + dims, out.to(o_ptr.dtype.element_ty), mask=row_ok)
+    if GATED:   # o_ptr: the gated sum of the three SSA branches
+        mixed = _gated_branch_rows(out, tok, head, dims, row_ok, c_ptr, s_ptr, l_ptr, sc_n, sc_h, ss_n, ss_h,
+                                   sl_n, element_rows, element_heads, o_ptr.dtype.element_ty)
+        tl.store(o_ptr + tok * so_n + head * so_h + dims, mixed, mask=row_ok)
+    else:
+        tl.store(o_ptr + tok * so_n + head * so_h + dims, out.to(o_ptr.dtype.element_ty), mask=row_ok)
 
 
 def chunk_table(cu_seqlens: Tensor, n_tokens: int, tokens: int) -> Tensor:
@@ -113,6 +141,7 @@ def _largest_power_of_two_divisor(n: int) -> int:
 
 
 def windowed_attention(q: Tensor, k: Tensor, v: Tensor, partition, scale: float | None = None, *,
+                       gated_sum: tuple[Tensor, Tensor, Tensor, int] | None = None,
                        tokens_per_program: int | None = None, heads_per_program: int | None = None,
                        block_n: int = 32, num_warps: int = 4, num_stages: int = 2) -> Tensor:
     """Full attention inside each window of `partition` (engine.sparse.WindowPartition).
@@ -120,6 +149,11 @@ def windowed_attention(q: Tensor, k: Tensor, v: Tensor, partition, scale: float 
     q [N, Hq, D], k/v [N, Hkv, D] in the tokens' row order (any token/head strides) -> out [N, Hq, D]
     in q's dtype. A program handles `tokens_per_program` positions of one window times
     `heads_per_program` query heads of one KV head (both powers of two; heads a divisor of the group).
+
+    gated_sum = (compressed, selected, gate_logits, element_rows): return the SSA gated sum of the
+    three branches instead (`engine.kernels.modulation.gated_branch_sum`'s roundings). compressed /
+    selected [n, E * Hq, D] are the other branches' outputs with the batch elements side by side
+    (row i of element e is token e * element_rows + i of q), gate_logits [N, >= 3].
     """
     n_tokens, hq, d = q.shape
     hkv = k.shape[1]
@@ -128,6 +162,20 @@ def windowed_attention(q: Tensor, k: Tensor, v: Tensor, partition, scale: float 
     out = torch.empty_like(q)
     if n_tokens == 0:
         return out
+    if gated_sum is None:
+        gated = (q, q, q, 0, 0, 0, 0, 0, 1, 0)
+    else:
+        compressed, selected, logits, element_rows = gated_sum
+        compressed, selected = _last_dim_contiguous(compressed), _last_dim_contiguous(selected)
+        if logits.stride(-1) != 1:
+            logits = logits.contiguous()
+        if compressed.shape != selected.shape or compressed.shape[-1] != d or compressed.shape[1] % hq \
+                or element_rows * (compressed.shape[1] // hq) != n_tokens or compressed.shape[0] != element_rows \
+                or logits.shape[0] != n_tokens or logits.shape[1] < 3:
+            raise ValueError("gated_sum: compressed / selected must be [element_rows, E * Hq, D] with "
+                             "E * element_rows = N tokens, gate_logits [N, >= 3]")
+        gated = (compressed, selected, logits, compressed.stride(0), compressed.stride(1), selected.stride(0),
+                 selected.stride(1), logits.stride(0), element_rows, hq)
     if heads_per_program is None:
         heads_per_program = _largest_power_of_two_divisor(group)
     if tokens_per_program is None:
@@ -145,7 +193,7 @@ def windowed_attention(q: Tensor, k: Tensor, v: Tensor, partition, scale: float 
     grid = (chunks.shape[0], hq // heads_per_program)
     _window_fwd[grid](q, k, v, out, order, chunks,
                       q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                      out.stride(0), out.stride(1), scale_log2,
+                      out.stride(0), out.stride(1), scale_log2, *gated,
                       G=group, HEADS=heads_per_program, TOKENS=tokens_per_program, D=d, BLOCK_N=block_n,
-                      num_warps=num_warps, num_stages=num_stages)
+                      GATED=gated_sum is not None, num_warps=num_warps, num_stages=num_stages)
     return out

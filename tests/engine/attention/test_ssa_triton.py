@@ -331,7 +331,6 @@ import engine.attention.triton.compressed as C
 import engine.attention.triton.pool as P
 import engine.attention.triton.select as S
 import engine.attention.triton.selection as SL
-import engine.attention.triton.window as WN
 
 def compile_sm90(fn, sig, consts, mma=True, **options):
     names = list(sig)
@@ -367,19 +366,16 @@ SL_SIG = dict(q_ptr=h, k_ptr=h, v_ptr=h, o_ptr=h, sel_ptr="*i32", offsets_ptr="*
 for block_n, kp, ch in ((32, 8, 32), (64, 32, 32)):
     compile_sm90(SL._selection_fwd, SL_SIG, dict(G=16, TOKENS=4, D=32, U=4 * kp, KP=kp, BLOCK_N=block_n, CH=ch),
                  num_stages=3)
-W_SIG = dict(q_ptr=h, k_ptr=h, v_ptr=h, o_ptr=h, order_ptr="*i32", chunk_ptr="*i32",
-             sq_n=i32, sq_h=i32, sk_n=i32, sk_h=i32, sv_n=i32, sv_h=i32, so_n=i32, so_h=i32, scale_log2=f32,
-             G="constexpr", HEADS="constexpr", TOKENS="constexpr", D="constexpr", BLOCK_N="constexpr")
 P_SIG = dict(x_ptr=h, table_ptr="*fp32", index_ptr="*i64", out_ptr=h, n_rows=i32, channels=i32, sx=i32, st=i32,
              so=i32, BLOCK_R="constexpr", BLOCK_C="constexpr")
 compile_sm90(P._add_table_rows_fwd, P_SIG, dict(BLOCK_R=32, BLOCK_C=128), mma=False)
-compile_sm90(WN._window_fwd, W_SIG, dict(G=16, HEADS=16, TOKENS=8, D=32, BLOCK_N=32))
 '''
 
 
 def test_kernels_compile_for_hopper():
     """The interpreter does not catch everything the compiler rejects (e.g. a tensor changing shape
-    inside a runtime `if`): compile the GPU configurations for sm_90 ahead of time, no GPU needed."""
+    inside a runtime `if`): compile the GPU configurations for sm_90 ahead of time, no GPU needed
+    (the window kernel: test_window_kernel.py)."""
     from helpers.sm90 import compile_for_sm90
 
-    assert compile_for_sm90(_COMPILE_SCRIPT, timeout=300).count(" ok") == 9
+    assert compile_for_sm90(_COMPILE_SCRIPT, timeout=300).count(" ok") == 8

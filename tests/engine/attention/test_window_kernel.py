@@ -128,6 +128,43 @@ def test_fp16_strided_views_scale(partition):
     assert close(got, want, torch.float16)
 
 
+def _interpreted_gated_branch_sum():
+    """engine.kernels.modulation.gated_branch_sum, reloaded for the interpreter if needed."""
+    import engine.kernels.modulation as modulation
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        from triton.runtime.interpreter import InterpretedFunction
+        if not isinstance(modulation._gated_sum_kernel, InterpretedFunction):
+            modulation = importlib.reload(modulation)
+    return modulation.gated_branch_sum
+
+
+@pytest.mark.parametrize("elements", [1, 2])
+def test_gated_sum_is_window_then_gated_branch_sum(elements):
+    """With gated_sum=, the kernel returns exactly (bit for bit) what the window kernel followed by
+    gated_branch_sum per element gives; the other branches come side by side [n, E * Hq, D] and the
+    elements hold rows [e * n, (e + 1) * n)."""
+    base = token_coords(seed=9)
+    base = torch.unique(base[base[:, 0] == 0][:, 1:], dim=0)
+    n = base.shape[0]
+    coords = torch.cat([torch.cat([torch.full((n, 1), e), base], 1) for e in range(elements)]).int().to(DEVICE)
+    part = window_partition(coords, 8, 4)
+    hq, d = 32, 32
+    q, k, v = make_qkv(n * elements, hq, 2, d, torch.float16, seed=11)
+    g = torch.Generator().manual_seed(12)
+    branches = (torch.randn(2, n, elements * hq, d, generator=g) * 1.5).half().to(DEVICE)
+    logits = (torch.randn(n * elements, 3 + 7, generator=g) * 2).half().to(DEVICE)[:, 7:]   # strided rows
+    got = W.windowed_attention(q, k, v, part, gated_sum=(branches[0], branches[1], logits, n))
+    windowed = W.windowed_attention(q, k, v, part)
+    gated_branch_sum = _interpreted_gated_branch_sum()
+    want = torch.empty_like(q)
+    for e in range(elements):
+        rows, heads = slice(e * n, (e + 1) * n), slice(e * hq, (e + 1) * hq)
+        gated_branch_sum(branches[0][:, heads], branches[1][:, heads], windowed[rows], logits[rows], out=want[rows])
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="gated_sum"):
+        W.windowed_attention(q, k, v, part, gated_sum=(branches[0], branches[1], logits, n + 1))
+
+
 def test_empty_input():
     part = window_partition(torch.zeros(0, 4, dtype=torch.int32, device=DEVICE), 8, 4)
     q = torch.zeros(0, 32, 32, dtype=torch.float16, device=DEVICE)
@@ -188,14 +225,18 @@ i32, f32 = "i32", "fp32"
 for dtype in ("*fp16", "*bf16"):
     sig = dict(q_ptr=dtype, k_ptr=dtype, v_ptr=dtype, o_ptr=dtype, order_ptr="*i32", chunk_ptr="*i32",
                sq_n=i32, sq_h=i32, sk_n=i32, sk_h=i32, sv_n=i32, sv_h=i32, so_n=i32, so_h=i32, scale_log2=f32,
-               G="constexpr", HEADS="constexpr", TOKENS="constexpr", D="constexpr", BLOCK_N="constexpr")
+               c_ptr=dtype, s_ptr=dtype, l_ptr=dtype, sc_n=i32, sc_h=i32, ss_n=i32, ss_h=i32, sl_n=i32,
+               element_rows=i32, element_heads=i32,
+               G="constexpr", HEADS="constexpr", TOKENS="constexpr", D="constexpr", BLOCK_N="constexpr",
+               GATED="constexpr")
     names = list(sig)
     # like the JIT: pointers and strides specialised as divisible by 16
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
              if sig[n].startswith("*") or (n.startswith("s") and sig[n] == i32)}
-    for heads, tokens, block_n, warps, stages in ((16, 8, 32, 4, 2), (16, 4, 32, 4, 2), (16, 8, 64, 4, 3),
-                                                  (8, 16, 32, 8, 2), (2, 64, 32, 4, 2)):
-        consts = dict(G=16 if heads > 2 else 2, HEADS=heads, TOKENS=tokens, D=32, BLOCK_N=block_n)
+    for heads, tokens, block_n, warps, stages, gated in (
+            (16, 8, 32, 4, 2, False), (16, 4, 32, 4, 2, False), (16, 4, 32, 4, 2, True), (16, 8, 64, 4, 3, False),
+            (8, 16, 32, 8, 2, False), (2, 64, 32, 4, 2, False)):
+        consts = dict(G=16 if heads > 2 else 2, HEADS=heads, TOKENS=tokens, D=32, BLOCK_N=block_n, GATED=gated)
         src = ASTSource(fn=WN._window_fwd, signature=sig, constexprs=consts, attrs=attrs)
         kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                                 options=dict(num_warps=warps, num_stages=stages))
@@ -210,4 +251,4 @@ def test_window_kernel_compiles_for_hopper():
     for sm_90 ahead of time, no GPU needed."""
     from helpers.sm90 import compile_for_sm90
 
-    assert compile_for_sm90(_COMPILE_SCRIPT, timeout=600).count(" ok") == 10
+    assert compile_for_sm90(_COMPILE_SCRIPT, timeout=600).count(" ok") == 12
