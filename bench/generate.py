@@ -13,7 +13,6 @@ their real-size inputs). Prints one table per shape; copy it into docs/benchmark
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path

@@ -7,7 +7,7 @@ Arguments that do not change what a model computes (``use_checkpoint``) are acce
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 

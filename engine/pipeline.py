@@ -41,7 +41,7 @@ from PIL import Image
 
 from engine.image import ImageError, ImageSource, has_useful_alpha, load_image, preprocess_image
 from engine.sampling import GenerationCancelled, flow_match_schedule, initial_noise, make_generator, sample
-from engine.weights import (LoadedModels, WeightsError, WeightsLocation, load_models, resolve_background_removal,
+from engine.weights import (LoadedModels, WeightsError, load_models, resolve_background_removal,
                             resolve_weights)
 
 __all__ = ["Direct3DS2Pipeline", "GenerationSettings", "GenerationResult", "Progress", "GenerationCancelled",

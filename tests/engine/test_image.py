@@ -1,5 +1,4 @@
 """Image loading, validation and preprocessing (architecture notes 2.0)."""
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -1,5 +1,4 @@
 """The whole pipeline on CPU with scaled-down random weights in the official layout."""
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,7 +168,6 @@ def test_batched_guidance_equals_two_official_passes(version, image_path):
     xyz = torch.nonzero(torch.rand((4, 4, 4), generator=generator) < 0.5)
     coords = torch.cat([torch.zeros_like(xyz[:, :1]), xyz], 1)
     coords = coords[sort_block_order(coords)]
-    noise = torch.randn((coords.shape[0], 16), generator=generator)
     calls = []
     sparse_dit = pipeline.models["sparse_dit_512"]
     original_forward = sparse_dit.forward
