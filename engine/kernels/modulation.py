@@ -114,6 +114,22 @@ def _rms_norm_kernel(x_ptr, gamma_ptr, out_ptr, rows, heads, tokens, D, sxb, sxl
     tl.store(out_ptr + row.to(tl.int64)[:, None] * D + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _rounded_gate(logit, dtype):
+    """sigmoid in fp32, rounded to the branches' dtype (the PyTorch path's gate tensor)."""
+    return (1.0 / (1.0 + tl.exp(-logit.to(tl.float32)))).to(dtype).to(tl.float32)
+
+
+@triton.jit
+def gated_sum_values(compressed, selected, windowed, logit0, logit1, logit2, dtype):
+    """The SSA gated sum of fp32 branch values with each step rounded to ``dtype`` as PyTorch does:
+    ``out = c * g0; out += s * g1; out += w * g2`` (mul, then two ``addcmul_``), g = sigmoid(logits).
+    Shared by `_gated_sum_kernel` and the window kernel's epilogue, so both round identically."""
+    acc = (compressed * _rounded_gate(logit0, dtype)).to(dtype).to(tl.float32)
+    acc = (acc + selected * _rounded_gate(logit1, dtype)).to(dtype).to(tl.float32)
+    return (acc + windowed * _rounded_gate(logit2, dtype)).to(dtype)
+
+
 @triton.jit(do_not_specialize=["tokens"])
 def _gated_sum_kernel(a_ptr, b_ptr, c_ptr, logit_ptr, out_ptr, tokens, width,
                       san, sah, sbn, sbh, scn, sch, sln, son, soh,
@@ -127,17 +143,13 @@ def _gated_sum_kernel(a_ptr, b_ptr, c_ptr, logit_ptr, out_ptr, tokens, width,
     dim = cols % HEAD_DIM
     n = token.to(tl.int64)
     dtype = out_ptr.dtype.element_ty
-    # sigmoid of the three logits in fp32, rounded (the PyTorch path's gate tensor)
     logits = logit_ptr + n * sln
-    g0 = (1.0 / (1.0 + tl.exp(-tl.load(logits, mask=token_ok, other=0.0).to(tl.float32)))).to(dtype).to(tl.float32)
-    g1 = (1.0 / (1.0 + tl.exp(-tl.load(logits + 1, mask=token_ok, other=0.0).to(tl.float32)))).to(dtype).to(tl.float32)
-    g2 = (1.0 / (1.0 + tl.exp(-tl.load(logits + 2, mask=token_ok, other=0.0).to(tl.float32)))).to(dtype).to(tl.float32)
     a = tl.load(a_ptr + n[:, None] * san + (head * sah + dim)[None, :], mask=mask, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + n[:, None] * sbn + (head * sbh + dim)[None, :], mask=mask, other=0.0).to(tl.float32)
     c = tl.load(c_ptr + n[:, None] * scn + (head * sch + dim)[None, :], mask=mask, other=0.0).to(tl.float32)
-    acc = (a * g0[:, None]).to(dtype).to(tl.float32)                  # torch.mul
-    acc = (acc + b * g1[:, None]).to(dtype).to(tl.float32)            # addcmul_
-    acc = (acc + c * g2[:, None]).to(dtype)                           # addcmul_
+    acc = gated_sum_values(a, b, c, tl.load(logits, mask=token_ok, other=0.0)[:, None],
+                           tl.load(logits + 1, mask=token_ok, other=0.0)[:, None],
+                           tl.load(logits + 2, mask=token_ok, other=0.0)[:, None], dtype)
     tl.store(out_ptr + n[:, None] * son + (head * soh + dim)[None, :], acc, mask=mask)
 
 

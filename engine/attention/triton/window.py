@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from engine.kernels.modulation import gated_sum_values
+
 from .compressed import LOG2E, _last_dim_contiguous, online_softmax_tile
 
 
@@ -26,20 +28,16 @@ def _gated_branch_rows(out, tok, head, dims, row_ok, c_ptr, s_ptr, l_ptr, sc_n, 
     """The SSA gated sum of rows (token `tok`, query head `head`) whose window-branch result is
     `out` (fp32): compressed and selection outputs read from their side-by-side layout [n, E * Hq, D]
     (element tok // element_rows, its token tok % element_rows), the three gates from the logits
-    rows; the roundings of `engine.kernels.modulation.gated_branch_sum` (mul, then two addcmul_)."""
+    rows; `engine.kernels.modulation.gated_sum_values`, as `gated_branch_sum` computes it."""
     elem = tok // element_rows
     local = tok - elem * element_rows
     side_head = elem * element_heads + head
     c = tl.load(c_ptr + local * sc_n + side_head * sc_h + dims, mask=row_ok, other=0.0).to(tl.float32)
     s = tl.load(s_ptr + local * ss_n + side_head * ss_h + dims, mask=row_ok, other=0.0).to(tl.float32)
-    w = out.to(dtype).to(tl.float32)
     logits = l_ptr + tok * sl_n
-    g0 = (1.0 / (1.0 + tl.exp(-tl.load(logits, mask=row_ok, other=0.0).to(tl.float32)))).to(dtype).to(tl.float32)
-    g1 = (1.0 / (1.0 + tl.exp(-tl.load(logits + 1, mask=row_ok, other=0.0).to(tl.float32)))).to(dtype).to(tl.float32)
-    g2 = (1.0 / (1.0 + tl.exp(-tl.load(logits + 2, mask=row_ok, other=0.0).to(tl.float32)))).to(dtype).to(tl.float32)
-    acc = (c * g0).to(dtype).to(tl.float32)
-    acc = (acc + s * g1).to(dtype).to(tl.float32)
-    return (acc + w * g2).to(dtype)
+    return gated_sum_values(c, s, out.to(dtype).to(tl.float32), tl.load(logits, mask=row_ok, other=0.0),
+                            tl.load(logits + 1, mask=row_ok, other=0.0), tl.load(logits + 2, mask=row_ok, other=0.0),
+                            dtype)
 
 
 @triton.jit
