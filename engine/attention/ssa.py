@@ -601,14 +601,15 @@ class SpatialSparseAttention(nn.Module):
         # Triton window kernel, run last, writes the gated sum of the three branches itself
         gated_window = getattr(ops, "GATED_WINDOW", False) and not differentiable and len(groups) == 1 and \
             _rows_in_equal_parts(layout, groups[0], n_tokens)
-        windowed = None if gated_window else window_attention(q, k, v, partition)
         # otherwise the gated sum is written per batch-element group straight from the kernels' outputs
         # (no copies back); with autograd on, the same sum out of place, per element, in row order
-        mixed = torch.empty_like(q)
-        gated_branch_sum = _gated_sum_kernel() if x.is_cuda and not differentiable else None
-        fused_sum = gated_branch_sum is not None
-        if not fused_sum:
-            gates = self.gate[1](gate_logits[:, :3]).unsqueeze(-1).unsqueeze(-1)  # sigmoid: [N, 3, 1, 1]
+        windowed = mixed = gated_branch_sum = None
+        if not gated_window:
+            windowed = window_attention(q, k, v, partition)
+            mixed = torch.empty_like(q)
+            gated_branch_sum = _gated_sum_kernel() if x.is_cuda and not differentiable else None
+            if gated_branch_sum is None:
+                gates = self.gate[1](gate_logits[:, :3]).unsqueeze(-1).unsqueeze(-1)  # sigmoid: [N, 3, 1, 1]
         pieces: dict[int, Tensor] = {}
 
         injected = [block_topk] if isinstance(block_topk, Tensor) else block_topk
@@ -665,7 +666,7 @@ class SpatialSparseAttention(nn.Module):
                     g = gates[rows]
                     pieces[rows.start] = (out_m[:, heads] * g[:, 0] + sel_m[:, heads] * g[:, 1]
                                           + windowed[rows] * g[:, 2])
-                elif fused_sum:   # one pass, same roundings as below
+                elif gated_branch_sum is not None:   # one pass, same roundings as below
                     gated_branch_sum(out_m[:, heads], sel_m[:, heads], windowed[rows], gate_logits[rows],
                                      out=mixed[rows])
                 else:
